@@ -1,0 +1,35 @@
+# Two commands for a new user:  `make demo`  and  `make test`.
+# Both do the set-up first (virtual environment, editable install, built-in dataset);
+# a second run skips what is already done.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+
+.PHONY: setup dataset demo test lint clean
+
+setup: $(STAMP) dataset
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+dataset:
+	@bash scripts/install_dataset.sh
+
+demo: setup
+	$(BIN)/retrieval demo --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
