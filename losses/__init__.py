@@ -1,1 +1,151 @@
-"""losses package."""
+"""Losses for classification, regression, ranking, metric learning, sequences and energy models.
+
+One module per family; every loss is an ``nn.Module``. Build any of them by name::
+
+    import losses
+    losses.available()                    # {'cross-entropy': 'classification', ...}
+    loss = losses.build_loss("arcface", num_classes=10, embedding_size=128)
+    miner = losses.build_miner("batch-hard")
+
+See ``docs/losses.md`` for the full list with formulas.
+"""
+
+from __future__ import annotations
+
+from .classification import (
+    BalancedSigmoidCrossEntropyLoss,
+    BCELoss,
+    BCEWithLogitsLoss,
+    BinaryFocalLoss,
+    CenterLoss,
+    CrossEntropyLoss,
+    DiceLoss,
+    FocalLoss,
+    HingeLoss,
+    KLDivLoss,
+    LargeMarginSoftmaxLoss,
+    MultiLabelMarginLoss,
+    MultiLabelSoftMarginLoss,
+    MultiMarginLoss,
+    NLLLoss,
+    PolyLoss,
+    SoftMarginLoss,
+    SquaredHingeLoss,
+)
+from .embedding import (
+    ArcFaceLoss,
+    CircleLoss,
+    ContrastiveLoss,
+    CosFaceLoss,
+    GE2ELoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    NPairsLoss,
+    NTXentLoss,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    SoftTripleLoss,
+    SupConLoss,
+    TripletLoss,
+)
+from .energy import (
+    EnergyHingeLoss,
+    EnergyLogLoss,
+    EnergyLoss,
+    GeneralizedMarginLoss,
+    LVQ2Loss,
+    MCELoss,
+    NLLEnergyLoss,
+    PerceptronLoss,
+    SquareExponentialLoss,
+    SquareSquareLoss,
+    most_offending_incorrect,
+    most_offending_incorrect_continuous,
+)
+from .ranking import (
+    CosineEmbeddingLoss,
+    HingeEmbeddingLoss,
+    MarginRankingLoss,
+    MultipleNegativesRankingLoss,
+    TripletMarginLoss,
+)
+from .registry import available, available_miners, build_loss, build_miner
+from .regression import (
+    HuberLoss,
+    L1Loss,
+    LogCoshLoss,
+    MeanBiasError,
+    MSELoss,
+    PoissonNLLLoss,
+    RMSELoss,
+    SmoothL1Loss,
+)
+from .sequence import CTCLoss, SoftEditDistanceLoss, edit_distance, error_rate
+
+__all__ = [
+    "ArcFaceLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "BalancedSigmoidCrossEntropyLoss",
+    "BinaryFocalLoss",
+    "CTCLoss",
+    "CenterLoss",
+    "CircleLoss",
+    "ContrastiveLoss",
+    "CosFaceLoss",
+    "CosineEmbeddingLoss",
+    "CrossEntropyLoss",
+    "DiceLoss",
+    "EnergyHingeLoss",
+    "EnergyLogLoss",
+    "EnergyLoss",
+    "FocalLoss",
+    "GE2ELoss",
+    "GeneralizedMarginLoss",
+    "HingeEmbeddingLoss",
+    "HingeLoss",
+    "HuberLoss",
+    "KLDivLoss",
+    "L1Loss",
+    "LVQ2Loss",
+    "LargeMarginSoftmaxLoss",
+    "LiftedStructureLoss",
+    "LogCoshLoss",
+    "MCELoss",
+    "MSELoss",
+    "MarginRankingLoss",
+    "MeanBiasError",
+    "MultiLabelMarginLoss",
+    "MultiLabelSoftMarginLoss",
+    "MultiMarginLoss",
+    "MultiSimilarityLoss",
+    "MultipleNegativesRankingLoss",
+    "NLLEnergyLoss",
+    "NLLLoss",
+    "NPairsLoss",
+    "NTXentLoss",
+    "PerceptronLoss",
+    "PoissonNLLLoss",
+    "PolyLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "RMSELoss",
+    "SmoothL1Loss",
+    "SoftEditDistanceLoss",
+    "SoftMarginLoss",
+    "SoftTripleLoss",
+    "SquareExponentialLoss",
+    "SquareSquareLoss",
+    "SquaredHingeLoss",
+    "SupConLoss",
+    "TripletLoss",
+    "TripletMarginLoss",
+    "available",
+    "available_miners",
+    "build_loss",
+    "build_miner",
+    "edit_distance",
+    "error_rate",
+    "most_offending_incorrect",
+    "most_offending_incorrect_continuous",
+]

@@ -41,9 +41,7 @@ def check_nonempty(tensor: Tensor, name: str = "input") -> None:
 def check_embeddings(embeddings: Tensor, labels: Tensor | None) -> None:
     """Check an ``(embeddings, labels)`` pair: 2-D, non-empty, one label per row."""
     if embeddings.ndim != 2:
-        raise ValueError(
-            f"embeddings must have shape (batch, dim), got {tuple(embeddings.shape)}"
-        )
+        raise ValueError(f"embeddings must have shape (batch, dim), got {tuple(embeddings.shape)}")
     check_nonempty(embeddings, "embeddings")
     if labels is not None:
         if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:

@@ -42,7 +42,7 @@ LSOFTMAX_MARGIN = 4
 def balanced_sigmoid_cross_entropy(
     logits: Tensor, target: Tensor, beta: float | None = None, reduction: str = "mean"
 ) -> Tensor:
-    """Class-balanced binary cross-entropy on logits; see :class:`BalancedSigmoidCrossEntropyLoss`."""
+    """Class-balanced BCE on logits; see :class:`BalancedSigmoidCrossEntropyLoss`."""
     check_nonempty(logits, "logits")
     check_reduction(reduction)
     target = target.to(logits.dtype)
@@ -381,7 +381,8 @@ class MultiLabelSoftMarginLoss(nn.MultiLabelSoftMarginLoss):
     r"""Per-class logistic loss averaged over classes, for multi-label targets (``torch.nn``).
 
     .. math::
-        \ell_i = -\frac{1}{C}\sum_c w_c\,[y_{ic}\log\sigma(x_{ic}) + (1-y_{ic})\log(1-\sigma(x_{ic}))]
+        \ell_i = -\frac{1}{C}\sum_c w_c\,[y_{ic}\log\sigma(x_{ic})
+        + (1-y_{ic})\log(1-\sigma(x_{ic}))]
 
     Args:
         weight: per-class weights, shape ``(classes,)``.
@@ -596,7 +597,8 @@ class PolyLoss(nn.Module):
     Written here: not in torch, torchvision or PML.
 
     .. math::
-        \ell_i = -\log p_{i,y_i} + \epsilon\,(1 - p_{i,y_i}),\qquad p_i = \operatorname{softmax}(x_i)
+        \ell_i = -\log p_{i,y_i} + \epsilon\,(1 - p_{i,y_i}),
+        \qquad p_i = \operatorname{softmax}(x_i)
 
     Args:
         epsilon: coefficient of the first polynomial term (unitless, >= -1); 0 is
@@ -765,8 +767,10 @@ class LargeMarginSoftmaxLoss(PMLLoss):
 
     .. math::
         \ell_i = -\log \frac{e^{\|W_{y_i}\|\|x_i\|\psi(\theta_{y_i})}}
-        {e^{\|W_{y_i}\|\|x_i\|\psi(\theta_{y_i})} + \sum_{c \ne y_i} e^{\|W_c\|\|x_i\|\cos\theta_c}},
-        \quad \psi(\theta) = (-1)^k \cos(m\theta) - 2k,\ \theta \in [\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}]
+        {e^{\|W_{y_i}\|\|x_i\|\psi(\theta_{y_i})}
+        + \sum_{c \ne y_i} e^{\|W_c\|\|x_i\|\cos\theta_c}},
+        \quad \psi(\theta) = (-1)^k \cos(m\theta) - 2k,
+        \ \theta \in [\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}]
 
     Args:
         num_classes: number of classes C.

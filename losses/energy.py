@@ -221,7 +221,6 @@ def generalized_margin_loss(
 # --------------------------------------------------------------------------------------
 
 
-
 class EnergyLoss(nn.Module):
     r"""Energy loss: push down the energy of the correct answer, nothing else.
 
@@ -281,8 +280,9 @@ class NLLEnergyLoss(nn.Module):
         LeCun et al., "A Tutorial on Energy-Based Learning", 2006, section 2.2.4.
 
     Relations:
-        With :math:`E = -x` and :math:`\beta = 1` it is :class:`losses.classification.CrossEntropyLoss`
-        on logits :math:`x`; :class:`PerceptronLoss` is its zero-temperature limit.
+        With :math:`E = -x` and :math:`\beta = 1` it is
+        :class:`losses.classification.CrossEntropyLoss` on logits :math:`x`;
+        :class:`PerceptronLoss` is its zero-temperature limit.
 
     Example:
         >>> e = torch.tensor([[0.5, 0.2, 0.9]])
@@ -488,7 +488,8 @@ class LVQ2Loss(nn.Module):
     r"""LVQ2 loss: relative energy gap to the most offending answer, clipped to [0, 1].
 
     .. math::
-        \ell_i = \min\Bigl(1,\ \max\Bigl(0,\ \frac{E(Y_i) - E(\bar Y_i)}{\delta\, E(\bar Y_i)}\Bigr)\Bigr)
+        \ell_i = \min\Bigl(1,\ \max\Bigl(0,\
+        \frac{E(Y_i) - E(\bar Y_i)}{\delta\, E(\bar Y_i)}\Bigr)\Bigr)
 
     Needs positive energies (distances to prototypes); raises ``ValueError`` otherwise.
     It has no margin: zero as soon as the correct answer wins.
@@ -606,6 +607,4 @@ class GeneralizedMarginLoss(nn.Module):
         self.reduction = check_reduction(reduction)
 
     def forward(self, energies: Tensor, target: Tensor) -> Tensor:
-        return generalized_margin_loss(
-            energies, target, self.margin_matrix, self.h, self.reduction
-        )
+        return generalized_margin_loss(energies, target, self.margin_matrix, self.h, self.reduction)

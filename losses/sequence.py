@@ -135,9 +135,7 @@ def soft_edit_distance(
 ) -> Tensor:
     """Differentiable edit distance per row; see :class:`SoftEditDistanceLoss`."""
     if log_probs.ndim != 3:
-        raise ValueError(
-            f"log_probs must be (batch, time, classes), got {tuple(log_probs.shape)}"
-        )
+        raise ValueError(f"log_probs must be (batch, time, classes), got {tuple(log_probs.shape)}")
     check_nonempty(log_probs, "log_probs")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -162,7 +160,9 @@ def soft_edit_distance(
         valid = (cols >= 0) & (cols <= max_s)
         deletion = torch.cat([big_col, prev1[:, :-1]], dim=1) + 1.0  # from (i-1, j)
         insertion = prev1 + 1.0  # from (i, j-1)
-        substitution = torch.cat([big_col, prev2[:, :-1]], dim=1) + sub[:, rows, cols.clamp(0, max_s)]
+        substitution = (
+            torch.cat([big_col, prev2[:, :-1]], dim=1) + sub[:, rows, cols.clamp(0, max_s)]
+        )
         options = torch.stack([deletion, insertion, substitution])  # (3, batch, T+1)
         cur = -gamma * torch.logsumexp(-options / gamma, dim=0)
         cur = torch.where(valid, cur, torch.full_like(cur, big))
@@ -259,9 +259,7 @@ class SoftEditDistanceLoss(nn.Module):
         1.0
     """
 
-    def __init__(
-        self, temperature: float = SOFT_EDIT_TEMPERATURE, reduction: str = "mean"
-    ) -> None:
+    def __init__(self, temperature: float = SOFT_EDIT_TEMPERATURE, reduction: str = "mean") -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
