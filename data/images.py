@@ -1,0 +1,70 @@
+"""Reading one image file safely: clear errors for missing, non-image, corrupt or huge files."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from data.errors import DataError
+
+#: Images above this many pixels are refused (decompression-bomb guard): 8,192 x 8,192.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has a known image extension."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB.
+
+    Args:
+        path: image file.
+        draft_size: when given, JPEG files are decoded at a reduced scale that is still at least
+            this many pixels on each side (much faster for large photos shrunk to small inputs).
+
+    Raises:
+        DataError: the file is missing, is not an image, is corrupt or is too large.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{path}: {w}x{h} pixels is larger than the {MAX_IMAGE_PIXELS:,}-pixel "
+                        "limit; shrink the image first"
+                    )
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
+                img.load()
+                return img.convert("RGB")
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not an image file PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path} is too large to decode safely; shrink it first") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path} is a corrupt or truncated image ({exc})") from None
+
+
+def read_image(path: str | os.PathLike, draft_size: int | None = None) -> torch.Tensor:
+    """Read an image file as a uint8 tensor of shape ``(3, H, W)`` (RGB)."""
+    return pil_to_tensor(open_image(path, draft_size))

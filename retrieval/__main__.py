@@ -1,0 +1,5 @@
+"""``python -m retrieval``: the same as the ``retrieval`` command."""
+
+from retrieval.cli import main
+
+main()

@@ -1,0 +1,415 @@
+"""The ``retrieval`` command line: train, embed, index, search, evaluate, demo.
+
+User errors (missing files, corrupt images, mismatched index and model, bad options) print one
+line ``error: ...`` on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from data.datasets import BUILTIN, ImageDataset, open_source, parse_classes, read_ref
+from data.errors import DataError
+from data.images import read_image
+from retrieval.atomic import write_json, write_npy
+from retrieval.checkpoint import file_sha256, load_model, preprocessing
+from retrieval.embed import embed_dataset, pick_device
+from retrieval.errors import USER_ERRORS, UserError
+from retrieval.evaluate import evaluate_embeddings, pixel_vectors
+from retrieval.index import METRICS, GalleryIndex, read_manifest
+from retrieval.metrics import DEFAULT_KS
+from retrieval.plots import Tile, neighbour_grid, training_curves
+from retrieval.train import StepInfo, TrainConfig, train
+
+app = typer.Typer(
+    help="Deep metric learning and image retrieval: train, index, search, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Build and inspect FAISS indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+console = Console()
+err_console = Console(stderr=True)
+logger = logging.getLogger("retrieval")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _progress(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+    )
+
+
+def _embed_with_progress(model, dataset: ImageDataset, device, what: str,
+                         batch_size: int = 256) -> np.ndarray:
+    with _progress(transient=True) as bar:
+        task = bar.add_task(f"embedding {what}", total=len(dataset), info="")
+        return embed_dataset(model, dataset, batch_size=batch_size, device=device,
+                             on_batch=lambda n: bar.advance(task, n))
+
+
+def _open(spec: str, split: Optional[str], classes: Optional[str], data_root: Optional[Path],
+          image_size: int | None = None) -> ImageDataset:
+    ds = open_source(spec, split=split, root=data_root, draft_size=image_size)
+    return ds.filter_classes(parse_classes(classes))
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise UserError(f"--ks takes whole numbers separated by commas, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"--ks takes positive whole numbers, got {text!r}")
+    return ks
+
+
+def _metrics_table(rows: dict[str, dict], ks, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for k in ks:
+        table.add_column(f"R@{k}", justify="right")
+    table.add_column("MAP@R", justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *[f"{m[f'recall@{k}']:.3f}" for k in ks], f"{m['map@r']:.3f}")
+    return table
+
+
+def _read_query(path: str) -> "object":
+    if path.startswith(BUILTIN + ":"):
+        return read_ref(path)
+    return read_image(path)
+
+
+def _expand_queries(images: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            from data.images import is_image_file
+
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise UserError(f"{p}: no image files in this folder")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of defaults; "
+                                          "command-line options override it."),
+    data: Optional[str] = typer.Option(None, help=f"Training source: {BUILTIN}[:train], a "
+                                       "folder of class sub-folders, or a CSV manifest."),
+    classes: Optional[str] = typer.Option(None, help="Seen classes to train on, e.g. 0-4 "
+                                          "('' = all). Default 0-4."),
+    data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
+    arch: Optional[str] = typer.Option(None, help="Backbone: small | resnet18."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (P x K)."),
+    m_per_class: Optional[int] = typer.Option(None, help="K: images per class in a batch."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate."),
+    margin: Optional[float] = typer.Option(None, help="Triplet margin (cosine distance)."),
+    embedding_dim: Optional[int] = typer.Option(None, help="Embedding length."),
+    image_size: Optional[int] = typer.Option(None, help="Input side, pixels."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
+) -> None:
+    """Train an embedding network (triplet loss, semi-hard miner, m-per-class batches)."""
+    values: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise UserError(f"{config}: no such config file")
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{config} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{config} must hold a mapping of option: value")
+        values.update(loaded)
+    overrides = {
+        "data": data, "classes": classes, "data_root": data_root, "arch": arch, "epochs": epochs,
+        "batch_size": batch_size, "m_per_class": m_per_class, "lr": lr, "margin": margin,
+        "embedding_dim": embedding_dim, "image_size": image_size, "seed": seed,
+        "device": device, "out": out,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig.from_dict(values)
+
+    records: list[dict] = []
+    with _progress() as bar:
+        task = bar.add_task("epoch 1", total=None, info="")
+
+        def on_step(s: StepInfo) -> None:
+            bar.update(task, total=s.steps, completed=s.step, description=f"epoch {s.epoch}/"
+                       f"{cfg.epochs}", info=f"loss {s.loss:.4f}  {s.images_per_s:,.0f} img/s")
+
+        def on_epoch(rec: dict) -> None:
+            records.append(rec)
+            val = (f"  val R@1 {rec['val_recall@1']:.3f}  MAP@R {rec['val_map@r']:.3f}"
+                   if "val_map@r" in rec else "")
+            bar.console.print(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}{val}")
+
+        summary = train(cfg, on_step=on_step, on_epoch=on_epoch)
+    training_curves(records, Path(cfg.out) / "curves.png")
+    console.print(f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['epoch']})")
+
+
+# ------------------------------------------------------------------------------------ embed
+
+
+@app.command("embed")
+def embed_cmd(
+    source: str = typer.Argument(..., help=f"{BUILTIN}[:train|test], a folder or a CSV."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
+    out: Path = typer.Option(..., "--out", help="Output .npy (ids go to OUT.ids.json)."),
+    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
+    classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json."""
+    net, state = load_model(model)
+    ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
+    ds = ds.with_transform(preprocessing(state))
+    emb = _embed_with_progress(net, ds, pick_device(device), source)
+    out = out if out.suffix == ".npy" else out.with_suffix(".npy")
+    write_npy(out, emb)
+    ids_path = out.with_suffix(".ids.json")
+    write_json(ids_path, {"class_names": ds.class_names,
+                          "items": [{"ref": r, "label": int(y)}
+                                    for r, y in zip(ds.refs, ds.labels, strict=True)]})
+    console.print(f"wrote {out} {tuple(emb.shape)} and {ids_path}")
+
+
+# ------------------------------------------------------------------------------------ index
+
+
+@index_app.command("build")
+def index_build(
+    source: str = typer.Argument(..., help=f"Gallery: {BUILTIN}[:split], a folder or a CSV."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write."),
+    metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
+    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
+    classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    net, state = load_model(model)
+    ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
+    emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
+                               pick_device(device), source)
+    index = GalleryIndex.build(
+        emb, ds.refs, ds.labels, ds.class_names, metric=metric,
+        model_sha256=file_sha256(model), model_path=str(Path(model).resolve()),
+        preprocessing={k: state["model_config"][k] for k in ("image_size", "mean", "std")},
+    )
+    index.save(out)
+    console.print(f"indexed {len(index)} images ({index.manifest.dim}-d, {metric}) in {out}")
+
+
+@index_app.command("info")
+def index_info(index_dir: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Show what an index holds and what it was built with."""
+    m = read_manifest(index_dir)
+    table = Table(show_header=False)
+    for key, value in asdict(m).items():
+        if key == "checksums":
+            value = ", ".join(f"{k}: {v[:12]}" for k, v in value.items())
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+@app.command("search")
+def search_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder from `retrieval index build`."),
+    images: list[str] = typer.Argument(..., help="Query image files, folders, or built-in "
+                                       "references such as fashion-mnist:test:0."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+                                         "the index was built with."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a PNG grid of the results."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Find the images of an index most similar to each query image."""
+    manifest = read_manifest(index_dir)
+    model_path = model or Path(manifest.model_path)
+    if model is None and not model_path.is_file():
+        raise UserError(f"the index's model {model_path} is gone; pass --model CHECKPOINT")
+    net, state = load_model(model_path)
+    index = GalleryIndex.load(index_dir, model_sha256=file_sha256(model_path),
+                              dim=state["model_config"]["embedding_dim"])
+    paths = _expand_queries(images)
+    raw = [_read_query(p) for p in paths]
+    transform = preprocessing(state)
+    import torch
+
+    batch = torch.stack([transform(img) for img in raw])
+    from retrieval.embed import embed_images
+
+    d, i = index.search(embed_images(net, batch, pick_device(device)), k)
+    results = [{"query": p, "results": [vars(h) for h in index.hits(d[q], i[q])]}
+               for q, p in enumerate(paths)]
+    score_name = "similarity" if index.manifest.metric == "cosine" else "distance"
+    if as_json:
+        sys.stdout.write(json.dumps({"metric": index.manifest.metric, "queries": results},
+                                    indent=2) + "\n")
+    else:
+        for res in results:
+            table = Table(title=f"query: {res['query']}")
+            for col, just in (("rank", "right"), (score_name, "right"), ("label", "left"),
+                              ("path", "left")):
+                table.add_column(col, justify=just)
+            for h in res["results"]:
+                table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["label"], h["ref"])
+            console.print(table)
+    if out is not None:
+        rows = []
+        for q, res in enumerate(results):
+            tiles = [Tile(read_ref(h["ref"]), f"{h['rank']}. {h['label']}\n{h['score']:.3f}")
+                     for h in res["results"]]
+            rows.append((Tile(raw[q], Path(res["query"]).name[:18]), tiles))
+        neighbour_grid(rows, out)
+        if not as_json:
+            console.print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------ evaluate
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    source: str = typer.Argument(f"{BUILTIN}:test", help="Evaluation images."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to evaluate."),
+    pixels: bool = typer.Option(False, "--pixels", help="Evaluate raw pixels (a baseline)."),
+    classes: Optional[str] = typer.Option(None, help="Classes to evaluate on; default 5-9 for "
+                                          "the built-in set (the unseen classes), else all."),
+    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
+    ks: str = typer.Option(",".join(map(str, DEFAULT_KS)), help="k's of recall@k."),
+    metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Leave-one-out retrieval: recall@k and MAP@R, each image querying all the others."""
+    if (model is None) == (not pixels):
+        raise UserError("give either --model CHECKPOINT or --pixels")
+    ks_t = _ks(ks)
+    if classes is None and source.startswith(BUILTIN):
+        classes = "5-9"
+    if model is not None:
+        net, state = load_model(model)
+        ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
+        x = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
+                                 pick_device(device), source)
+        name = str(model)
+    else:
+        ds = _open(source, split, classes, data_root)
+        x = pixel_vectors(ds)
+        name = "raw pixels"
+    scores = evaluate_embeddings(x, ds.labels, ks_t, metric)
+    if as_json:
+        sys.stdout.write(json.dumps({"model": name, "metric": metric, **scores}, indent=2) + "\n")
+    else:
+        console.print(_metrics_table({name: scores}, ks_t,
+                                     f"{source} classes {classes or 'all'}: "
+                                     f"{scores['queries']} queries, leave-one-out"))
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the results."),
+    epochs: int = typer.Option(3, help="Training epochs."),
+    data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Train on Fashion-MNIST classes 0-4, then index, evaluate and search unseen classes 5-9."""
+    from retrieval.demo import run_demo
+
+    with _progress() as bar:
+        task = bar.add_task("demo", total=None, info="")
+
+        def on_step(s: StepInfo) -> None:
+            bar.update(task, total=s.steps, completed=s.step,
+                       description=f"training epoch {s.epoch}/{epochs}",
+                       info=f"loss {s.loss:.4f}  {s.images_per_s:,.0f} img/s")
+
+        def on_stage(text: str) -> None:
+            bar.update(task, description=text, total=None, completed=0, info="")
+            bar.console.print(f"• {text}")
+
+        result = run_demo(out, epochs=epochs, data_root=data_root, device=device,
+                          on_step=on_step, on_stage=on_stage)
+    console.print(_metrics_table(result["table"], DEFAULT_KS,
+                                 "Fashion-MNIST, unseen classes 5-9 (test split), leave-one-out"))
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; "
+                  f"picture: {out / 'queries.png'}; model: {result['checkpoint']}; "
+                  f"index: {result['index']}  ({result['seconds']:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``retrieval`` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_time=False,
+                                              show_path=False)])
+    try:
+        app(args=argv, prog_name="retrieval")
+    except USER_ERRORS as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
