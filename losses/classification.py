@@ -135,7 +135,9 @@ def binary_hinge_loss(
     return reduce(loss, reduction)
 
 
-def center_loss(embeddings: Tensor, labels: Tensor, centers: Tensor, reduction: str = "mean"):
+def center_loss(
+    embeddings: Tensor, labels: Tensor, centers: Tensor, reduction: str = "mean"
+) -> Tensor:
     """Half squared distance of each embedding to its class centre; see :class:`CenterLoss`."""
     check_embeddings(embeddings, labels)
     check_reduction(reduction)
