@@ -1,5 +1,6 @@
 # Two commands for a new user:  `make demo`  and  `make test`.
-# Both do the set-up first (virtual environment, editable install, built-in dataset);
+# Both do the set-up first (virtual environment, editable install, built-in dataset, and for
+# the tests the headless browser);
 # a second run skips what is already done.
 
 PYTHON ?= python3
@@ -8,9 +9,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: setup dataset demo test lint clean
+.PHONY: setup system demo test lint clean
 
-setup: $(STAMP) dataset
+setup: $(STAMP) system
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	@touch $(STAMP)
 
-dataset:
-	@bash scripts/install_dataset.sh
+system:
+	@bash scripts/setup_system.sh
 
-demo: setup
+demo: $(STAMP)
+	@SKIP_BROWSER=1 bash scripts/setup_system.sh
 	$(BIN)/retrieval demo --out $(DEMO_OUT)
 
 test: setup
