@@ -2,28 +2,44 @@
 
 On disk an index is a folder, written atomically (:func:`retrieval.atomic.atomic_dir`):
 
-- ``index.faiss``: the FAISS index (an ``IndexIDMap2`` over a flat index), ids = item ids;
-- ``metadata.json``: per item its id, reference (image path or built-in reference) and label,
-  plus the class names;
-- ``manifest.json``: format version, metric, dimension, item count, the SHA-256 and path of the
-  model checkpoint that produced the vectors, the preprocessing, and the SHA-256 of the two files
-  above.
+- ``index.faiss``: the FAISS index; its ids are the item ids;
+- ``metadata.json``: per item its id, reference (image path or built-in reference), label and
+  time added; the class names, the next free id and (HNSW only) the removed ids;
+- ``manifest.json``: format version, metric, dimension, index type (FAISS factory string), item
+  count, the SHA-256 and path of the model checkpoint that produced the vectors, the
+  preprocessing, and the SHA-256 of the two files above.
 
 Loading verifies the checksums, and — when given the model the caller will embed queries with —
 refuses an index built with another model or dimension: mixing embedding spaces gives
 meaningless results silently, so it is an error.
 
+Index types are FAISS factory strings (``Flat``, ``HNSW32``, ``IVF1024,Flat``, ``IVF1024,PQ16``,
+``OPQ16,IVF1024,PQ16``, ``SQ8``, ...) or ``auto`` (:func:`choose_index_type`). They fall in three
+families that differ in how ids and removal work:
+
+- *flat codes* (``Flat``, ``SQ8``, ``PQ16``): wrapped in ``IndexIDMap2``; removal compacts;
+- *IVF* (anything with an inverted file, with or without an ``OPQ`` transform): the inverted
+  lists store our ids themselves, and removal deletes from them (wrapping IVF in an
+  ``IndexIDMap2`` would be wrong: its ``remove_ids`` assumes the sub-index renumbers its
+  entries, which IVF does not, so ids and vectors would drift apart);
+- *HNSW*: the graph cannot delete nodes, so a removed id becomes a *tombstone* filtered out of
+  every search with an ``IDSelector``; once tombstones exceed :data:`HNSW_COMPACT_FRACTION` of
+  the graph it is rebuilt from the remaining vectors.
+
 Scores: for ``cosine`` the inner product of unit vectors (higher is closer); for ``l2`` the
-Euclidean distance (lower is closer).
+Euclidean distance (lower is closer). Approximate index types return approximate scores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,11 +49,40 @@ import numpy as np
 from retrieval.atomic import atomic_dir
 from retrieval.errors import UserError
 
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: Version 2 added index types, stable ids with add/remove, and the time each item was added.
+FORMAT_VERSION = 2
 METRICS = ("cosine", "l2")
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
+
+#: Index type used when none is given: exact search.
+DEFAULT_INDEX_TYPE = "Flat"
+#: ``--index auto``: memory the index may use when no budget is given, in bytes.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+#: ``auto``: galleries smaller than this are searched exactly (brute force over 10,000 vectors
+#: takes about a millisecond per query; an approximate index would gain nothing).
+FLAT_THRESHOLD = 10_000
+#: ``auto``: HNSW neighbours per node are chosen between these (memory ~ n * (4 dim + 8 M)).
+HNSW_MIN_M, HNSW_MAX_M = 8, 32
+#: HNSW graph construction depth (FAISS's default is 40).
+HNSW_EF_CONSTRUCTION = 80
+#: Default HNSW search depth stored in new indexes (FAISS's default, 16, loses recall).
+DEFAULT_EF_SEARCH = 64
+#: Default number of IVF lists visited per query stored in new indexes (capped at nlist).
+DEFAULT_NPROBE = 32
+#: IVF/PQ/OPQ are trained on at most this many gallery vectors (a seeded random sample).
+MAX_TRAINING_VECTORS = 100_000
+#: IVF training wants this many vectors per list; nlist is capped at n / this.
+VECTORS_PER_LIST = 39
+#: HNSW is rebuilt once removed-but-still-in-the-graph items exceed this fraction of it.
+HNSW_COMPACT_FRACTION = 0.25
+#: Bytes FAISS stores per vector id in inverted lists and id maps.
+ID_BYTES = 8
+
+FAMILIES = ("flat", "ivf", "hnsw")
 
 
 def as_faiss(x: np.ndarray) -> np.ndarray:
@@ -72,7 +117,9 @@ def knn(
     return np.sqrt(np.maximum(d, 0)), i
 
 
-def knn_leave_one_out(x: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+def knn_leave_one_out(
+    x: np.ndarray, k: int, metric: str = "cosine"
+) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of each row of ``x`` among the *other* rows: ``(D, I)``.
 
     Searches ``k + 1`` and removes each query's own entry wherever it ranks (a duplicate image
@@ -104,6 +151,243 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------ index types
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``"512MB"``, ``"4GB"``, ``"1.5g"`` or a plain number of bytes (binary units)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise UserError(f"cannot read the memory size {text!r}; write e.g. 512MB or 4GB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UserError(f"a memory budget must be positive, got {text!r}")
+    return value
+
+
+def _nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: the power of two nearest ``4 sqrt(n)``, at most n / 39."""
+    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    return int(max(1, min(target, n // VECTORS_PER_LIST)))
+
+
+def choose_index_type(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+    """The index type ``--index auto`` picks for ``n`` vectors of ``dim`` under a memory budget.
+
+    Follows autofaiss's reasoning (``get_optimal_index_keys_v2``), in order:
+
+    1. fewer than :data:`FLAT_THRESHOLD` vectors: ``Flat`` (exact and already fast);
+    2. HNSW if it fits: it costs about ``4 dim + 8 M`` bytes per vector, so
+       :math:`M = \\lfloor (B / n - 4\\,dim - 8) / 8 \\rfloor`, capped at 32, needs ``M >= 8``;
+    3. ``IVF{nlist},Flat`` if the raw vectors fit (``n (4 dim + 8)`` bytes), with ``nlist``
+       the power of two nearest :math:`4\\sqrt{n}`;
+    4. otherwise ``OPQ{m},IVF{nlist},PQ{m}`` with the largest ``m`` (bytes per vector, a divisor
+       of ``dim``) whose ``n (m + 8)`` bytes fit.
+
+    Raises:
+        UserError: nothing fits in the budget.
+
+    Example:
+        >>> choose_index_type(5_000, 128)
+        'Flat'
+        >>> choose_index_type(100_000, 128, 1024**3)
+        'HNSW32'
+        >>> choose_index_type(1_000_000, 128, 540 * 1024**2)
+        'IVF4096,Flat'
+        >>> choose_index_type(1_000_000, 128, 100 * 1024**2)
+        'OPQ64,IVF4096,PQ64'
+    """
+    if n < 1 or dim < 1:
+        raise UserError("cannot choose an index type for an empty gallery")
+    per_vector = memory_budget / n
+    if n < FLAT_THRESHOLD and per_vector >= 4 * dim + ID_BYTES:
+        return "Flat"
+    m = int((per_vector - 4 * dim - ID_BYTES) // 8)
+    if m >= HNSW_MIN_M:
+        return f"HNSW{min(m, HNSW_MAX_M)}"
+    nlist = _nlist(n)
+    centroids = nlist * dim * 4
+    if n * (4 * dim + ID_BYTES) + centroids <= memory_budget:
+        return f"IVF{nlist},Flat"
+    for m in (64, 48, 32, 24, 16, 8, 4):
+        if m < dim and dim % m == 0 and n * (m + ID_BYTES) + centroids <= memory_budget:
+            return f"OPQ{m},IVF{nlist},PQ{m}"
+    raise UserError(
+        f"{n:,} vectors of dimension {dim} do not fit in {memory_budget / 1024**2:,.0f} MB even "
+        "with product quantization; raise --memory-budget"
+    )
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index under an ``IndexIDMap``/``IndexIDMap2`` wrapper (or the index itself)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def index_family(index: faiss.Index) -> str:
+    """``flat`` | ``ivf`` | ``hnsw``: how ids, removal and search parameters work (see module)."""
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if _ivf(inner) is not None:
+        return "ivf"
+    return "flat"
+
+
+def make_index(index_type: str, dim: int, metric: str) -> faiss.Index:
+    """An empty FAISS index of a factory string, with ids (see the module docstring).
+
+    Raises:
+        UserError: FAISS cannot make this type for this dimension.
+    """
+    _check_metric(metric)
+    if "IDMap" in index_type:
+        raise UserError(f"{index_type!r}: leave out IDMap, every index gets stable ids already")
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    try:
+        index = faiss.index_factory(dim, index_type, faiss_metric)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "invalid"
+        raise UserError(
+            f"FAISS cannot make an index of type {index_type!r} for {dim}-dimensional vectors "
+            f"({reason}). Examples: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ16, "
+            "OPQ16,IVF1024,PQ16, SQ8, or auto; PQ's m must divide the dimension."
+        ) from None
+    family = index_family(index)
+    # Polysemous training (on by default for PQ) costs far more than the PQ itself and only
+    # serves polysemous search, which we do not use.
+    for part in (faiss.downcast_index(index), _ivf(index)):
+        if isinstance(part, faiss.IndexPreTransform):
+            part = faiss.downcast_index(part.index)
+        if part is not None and hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    if family == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        faiss.downcast_index(index).hnsw.efSearch = DEFAULT_EF_SEARCH
+    elif family == "ivf":
+        ivf = _ivf(index)
+        ivf.nprobe = min(DEFAULT_NPROBE, ivf.nlist)
+    if family != "ivf":
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def _faiss_search(
+    index: faiss.Index, xq: np.ndarray, k: int, params: faiss.SearchParameters | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with per-query parameters. ``faiss.contrib.torch_utils`` (imported by
+    pytorch-metric-learning) replaces ``search`` with a version without ``params`` and keeps
+    FAISS's own as ``search_numpy``."""
+    search = getattr(index, "search_numpy", index.search)
+    return search(xq, k, params=params)
+
+
+def _train(index: faiss.Index, xb: np.ndarray, seed: int) -> None:
+    """Train IVF / PQ / OPQ / SQ on a seeded sample of at most MAX_TRAINING_VECTORS."""
+    if index.is_trained:
+        return
+    ivf = _ivf(_inner(index))
+    if ivf is not None and len(xb) < ivf.nlist:
+        raise UserError(
+            f"an IVF index with {ivf.nlist} lists needs at least {ivf.nlist} vectors to train "
+            f"(better {VECTORS_PER_LIST * ivf.nlist}); the gallery has {len(xb)}. Use fewer "
+            "lists, Flat, or --index auto"
+        )
+    rng = np.random.default_rng(seed)
+    if len(xb) > MAX_TRAINING_VECTORS:
+        xb = xb[np.sort(rng.choice(len(xb), MAX_TRAINING_VECTORS, replace=False))]
+    logger.info("training the index on %d vectors", len(xb))
+    try:
+        index.train(xb)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise UserError(
+            f"could not train the index on {len(xb)} vectors ({reason}); product quantization "
+            "needs at least 256 vectors (better 10,000): use Flat, HNSW32 or SQ8"
+        ) from None
+
+
+def search_parameters(
+    index: faiss.Index,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    exclude: np.ndarray | None = None,
+) -> faiss.SearchParameters | None:
+    """Per-query FAISS search parameters (nothing global is changed: safe across threads).
+
+    Args:
+        index: the index to search.
+        nprobe: IVF lists visited per query (IVF indexes only), ``1 <= nprobe <= nlist``.
+        ef_search: HNSW search depth (HNSW indexes only), ``>= 1``.
+        exclude: ids never to return (tombstones).
+
+    Raises:
+        UserError: a parameter that does not apply to this index type, or out of range.
+    """
+    family = index_family(index)
+    if nprobe is not None and family != "ivf":
+        raise UserError(f"nprobe applies to IVF indexes; this one is {family}")
+    if ef_search is not None and family != "hnsw":
+        raise UserError(f"efSearch applies to HNSW indexes; this one is {family}")
+    sel = None
+    if exclude is not None and len(exclude):
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64)))
+    if family == "hnsw":
+        if ef_search is not None and ef_search < 1:
+            raise UserError(f"efSearch must be at least 1, got {ef_search}")
+        if ef_search is None and sel is None:
+            return None
+        stored = _inner(index).hnsw.efSearch
+        params = faiss.SearchParametersHNSW(efSearch=ef_search or stored)
+        if sel is not None:
+            params.sel = sel
+        return params
+    if family == "ivf":
+        if nprobe is None and sel is None:
+            return None
+        ivf = _ivf(index)
+        if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
+            raise UserError(f"nprobe must be between 1 and {ivf.nlist} (the lists), got {nprobe}")
+        params = faiss.SearchParametersIVF(nprobe=nprobe or ivf.nprobe)
+        if sel is not None:
+            params.sel = sel
+        if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+            return faiss.SearchParametersPreTransform(index_params=params)
+        return params
+    if sel is None:
+        return None
+    return faiss.SearchParameters(sel=sel)
+
+
+# ------------------------------------------------------------------------------ the index
+
+
 @dataclass
 class Manifest:
     """What an index was built from; checked on load."""
@@ -117,6 +401,19 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
     checksums: dict = field(default_factory=dict)
+    index_type: str = DEFAULT_INDEX_TYPE
+    updated: float = field(default_factory=time.time)
+
+
+@dataclass
+class Item:
+    """One indexed image: its stable id, reference, label (index into class names), and when
+    it was added (seconds since the epoch)."""
+
+    id: int
+    ref: str
+    label: int
+    added: float
 
 
 @dataclass
@@ -131,34 +428,53 @@ class Hit:
 
 
 class GalleryIndex:
-    """A FAISS index of gallery embeddings with each item's reference and label.
+    """A FAISS index of gallery embeddings with stable ids and each item's metadata.
+
+    Not thread-safe by itself: :class:`retrieval.search.SearchService` adds the locking.
 
     Args:
-        index: a FAISS index with ids (``IndexIDMap2``).
-        ids, refs, labels: per item, in the same order.
+        index: a FAISS index whose ids are item ids (see :func:`make_index`).
+        items: the live items.
         class_names: name of each label.
         manifest: see :class:`Manifest`.
+        next_id: the id the next added item gets (ids are never reused).
+        tombstones: removed ids still in an HNSW graph.
+        read_only: memory-mapped indexes cannot change.
     """
 
     def __init__(
         self,
         index: faiss.Index,
-        ids: np.ndarray,
-        refs: Sequence[str],
-        labels: np.ndarray,
+        items: Iterable[Item],
         class_names: Sequence[str],
         manifest: Manifest,
+        next_id: int | None = None,
+        tombstones: Iterable[int] = (),
+        read_only: bool = False,
     ):
         self.index = index
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.refs = list(refs)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.items: dict[int, Item] = {it.id: it for it in items}
         self.class_names = list(class_names)
         self.manifest = manifest
-        self._position = {int(i): p for p, i in enumerate(self.ids)}
+        self.next_id = max(self.items, default=-1) + 1 if next_id is None else next_id
+        self.tombstones: set[int] = set(tombstones)
+        self.read_only = read_only
+        self.family = index_family(index)
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        return len(self.items)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.fromiter(self.items, dtype=np.int64, count=len(self.items))
+
+    @property
+    def refs(self) -> list[str]:
+        return [it.ref for it in self.items.values()]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it.label for it in self.items.values()], dtype=np.int64)
 
     @classmethod
     def build(
@@ -171,8 +487,17 @@ class GalleryIndex:
         model_sha256: str = "",
         model_path: str = "",
         preprocessing: dict | None = None,
+        index_type: str = DEFAULT_INDEX_TYPE,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        seed: int = 0,
     ) -> GalleryIndex:
-        """Index the vectors ``xb`` (shape ``(n, dim)``) exactly (flat index)."""
+        """Index the vectors ``xb`` ``(n, dim)``; item ids are ``0 .. n-1``.
+
+        Args:
+            index_type: a FAISS factory string or ``auto`` (:func:`choose_index_type`).
+            memory_budget: bytes the index may use, for ``auto``.
+            seed: of the training sample.
+        """
         _check_metric(metric)
         xb = normalize(xb) if metric == "cosine" else as_faiss(xb)
         if len(xb) == 0:
@@ -180,22 +505,125 @@ class GalleryIndex:
         if not (len(xb) == len(refs) == len(labels)):
             raise ValueError("xb, refs and labels must have the same length")
         dim = xb.shape[1]
-        flat = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
-        index = faiss.IndexIDMap2(flat)
-        ids = np.arange(len(xb), dtype=np.int64)
-        index.add_with_ids(xb, ids)
+        if index_type == "auto":
+            index_type = choose_index_type(len(xb), dim, memory_budget)
+            logger.info("index type for %d vectors: %s", len(xb), index_type)
+        index = make_index(index_type, dim, metric)
+        _train(index, xb, seed)
         manifest = Manifest(
             metric=metric,
             dim=dim,
-            count=len(xb),
+            count=0,
             model_sha256=model_sha256,
             model_path=model_path,
             preprocessing=dict(preprocessing or {}),
+            index_type=index_type,
         )
-        return cls(index, ids, refs, labels, class_names, manifest)
+        out = cls(index, [], class_names, manifest, next_id=0)
+        out._add_normalized(xb, refs, labels)
+        return out
 
-    def search(self, xq: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` of the ``k`` best items per query; ``I`` holds item ids (-1 = none)."""
+    # ---------------------------------------------------------------------------- changes
+
+    def label_id(self, name: str) -> int:
+        """The label number of a class name, adding the class when it is new."""
+        if name not in self.class_names:
+            self.class_names.append(name)
+        return self.class_names.index(name)
+
+    def add(
+        self, xb: np.ndarray, refs: Sequence[str], labels: Sequence[int] | np.ndarray
+    ) -> np.ndarray:
+        """Add vectors ``(n, dim)`` with their references and labels; returns their new ids."""
+        self._check_writable()
+        xb = as_faiss(xb)
+        if xb.shape[1] != self.manifest.dim:
+            raise UserError(f"vectors have dimension {xb.shape[1]}, the index {self.manifest.dim}")
+        if not (len(xb) == len(refs) == len(labels)):
+            raise ValueError("xb, refs and labels must have the same length")
+        if self.manifest.metric == "cosine":
+            xb = normalize(xb)
+        return self._add_normalized(xb, refs, labels)
+
+    def _add_normalized(self, xb: np.ndarray, refs: Sequence[str], labels) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
+        ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
+        self.index.add_with_ids(xb, ids)
+        now = time.time()
+        for i, r, y in zip(ids, refs, labels, strict=True):
+            self.items[int(i)] = Item(int(i), str(r), int(y), now)
+        self.next_id += len(xb)
+        return ids
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove items by id; returns how many were removed.
+
+        Raises:
+            UserError: an id that is not in the index (nothing is removed then).
+        """
+        self._check_writable()
+        ids = sorted({int(i) for i in ids})
+        unknown = [i for i in ids if i not in self.items]
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise UserError(f"no item with id {shown} in this index")
+        if not ids:
+            return 0
+        if self.family == "hnsw":
+            self.tombstones.update(ids)
+        else:
+            removed = self.index.remove_ids(faiss.IDSelectorBatch(np.array(ids, dtype=np.int64)))
+            if removed != len(ids):
+                raise RuntimeError(f"FAISS removed {removed} vectors instead of {len(ids)}")
+        for i in ids:
+            del self.items[i]
+        if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
+            1, self.index.ntotal
+        ):
+            self._rebuild_hnsw()
+        return len(ids)
+
+    def _rebuild_hnsw(self) -> None:
+        """Rebuild the HNSW graph without its tombstones (HNSW cannot delete nodes)."""
+        old = faiss.downcast_index(self.index)
+        all_ids = faiss.vector_to_array(old.id_map).astype(np.int64)
+        vectors = _inner(old).reconstruct_n(0, old.ntotal)
+        keep = ~np.isin(all_ids, np.fromiter(self.tombstones, dtype=np.int64))
+        new = make_index(self.manifest.index_type, self.manifest.dim, self.manifest.metric)
+        _inner(new).hnsw.efSearch = _inner(old).hnsw.efSearch
+        if keep.any():
+            _train(new, vectors[keep], seed=0)
+            new.add_with_ids(np.ascontiguousarray(vectors[keep]), all_ids[keep])
+        logger.info("rebuilt the HNSW graph without %d removed items", len(self.tombstones))
+        self.index = new
+        self.tombstones.clear()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise UserError(
+                "this index was opened memory-mapped (read-only); open it without --mmap to "
+                "add or remove images"
+            )
+
+    # ---------------------------------------------------------------------------- search
+
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int = 10,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(D, I)`` ``(nq, k')`` of the best items per query, ``k' = min(k, len(self))``;
+        ``I`` holds item ids (-1 = none).
+
+        Args:
+            xq: query vectors ``(nq, dim)``; a batch is searched in one call.
+            k: results per query.
+            nprobe, ef_search: per-query search parameters (:func:`search_parameters`).
+        """
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         xq = as_faiss(xq)
@@ -205,38 +633,66 @@ class GalleryIndex:
             )
         if self.manifest.metric == "cosine":
             xq = normalize(xq)
-        d, i = self.index.search(xq, min(k, len(self)))
+        exclude = np.fromiter(self.tombstones, dtype=np.int64) if self.tombstones else None
+        params = search_parameters(self.index, nprobe, ef_search, exclude)
+        k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        d, i = _faiss_search(self.index, xq, k, params)
         if self.manifest.metric == "l2":
             d = np.sqrt(np.maximum(d, 0))
         return d, i
 
     def hits(self, d_row: np.ndarray, i_row: np.ndarray) -> list[Hit]:
-        """Turn one row of :meth:`search` output into :class:`Hit` records."""
+        """Turn one row of :meth:`search` output into :class:`Hit` records (ranks from 1)."""
         out = []
-        for rank, (score, item) in enumerate(zip(d_row, i_row, strict=True), start=1):
+        for score, item in zip(d_row, i_row, strict=True):
             if item < 0:
                 continue
-            p = self._position[int(item)]
-            out.append(
-                Hit(rank, int(item), float(score), self.class_names[self.labels[p]], self.refs[p])
-            )
+            it = self.items.get(int(item))
+            if it is None:
+                raise RuntimeError(f"the FAISS index returned id {item}, unknown to the metadata")
+            out.append(Hit(len(out) + 1, it.id, float(score), self.class_names[it.label], it.ref))
+        return out
+
+    def describe(self) -> dict:
+        """What the index holds, for ``index info`` and the server's ``/stats``."""
+        inner = _inner(self.index)
+        out = {
+            "items": len(self),
+            "index_type": self.manifest.index_type,
+            "family": self.family,
+            "metric": self.manifest.metric,
+            "dim": self.manifest.dim,
+            "classes": len(self.class_names),
+            "next_id": self.next_id,
+            "read_only": self.read_only,
+        }
+        if self.family == "hnsw":
+            out["ef_search"] = int(inner.hnsw.efSearch)
+            out["removed_pending_rebuild"] = len(self.tombstones)
+        if self.family == "ivf":
+            ivf = _ivf(self.index)
+            out["nlist"], out["nprobe"] = int(ivf.nlist), int(ivf.nprobe)
         return out
 
     # ---------------------------------------------------------------------------------- disk
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the index folder atomically."""
+        """Write the index folder atomically: the old folder stays whole until the new one is
+        complete."""
         with atomic_dir(directory) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             meta = {
                 "class_names": self.class_names,
-                "items": [
-                    {"id": int(i), "ref": r, "label": int(y)}
-                    for i, r, y in zip(self.ids, self.refs, self.labels, strict=True)
-                ],
+                "next_id": self.next_id,
+                "tombstones": sorted(self.tombstones),
+                "items": [asdict(it) for it in self.items.values()],
             }
             (tmp / METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
             self.manifest.count = len(self)
+            self.manifest.format_version = FORMAT_VERSION
+            self.manifest.updated = time.time()
             self.manifest.checksums = {
                 name: _sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)
             }
@@ -250,8 +706,14 @@ class GalleryIndex:
         directory: str | os.PathLike,
         model_sha256: str | None = None,
         dim: int | None = None,
+        mmap: bool = False,
     ) -> GalleryIndex:
         """Read an index folder, verifying checksums and (when given) the model and dimension.
+
+        Args:
+            mmap: memory-map the FAISS file instead of reading it (``IO_FLAG_MMAP``): the
+                vectors stay on disk and are paged in on demand, for indexes larger than
+                memory. The index is then read-only.
 
         Raises:
             UserError: not an index folder, damaged files, or built with another model.
@@ -276,17 +738,39 @@ class GalleryIndex:
                 "it with this model would compare different embedding spaces. Use that "
                 "checkpoint, or rebuild the index with `retrieval index build`."
             )
-        index = faiss.read_index(str(directory / INDEX_FILE))
-        meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
-        items = meta["items"]
-        return cls(
-            index,
-            np.array([it["id"] for it in items], dtype=np.int64),
-            [it["ref"] for it in items],
-            np.array([it["label"] for it in items], dtype=np.int64),
-            meta["class_names"],
-            manifest,
-        )
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE), flags)
+            meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+            items = [
+                Item(
+                    int(it["id"]),
+                    str(it["ref"]),
+                    int(it["label"]),
+                    float(it.get("added", manifest.created)),
+                )
+                for it in meta["items"]
+            ]
+            tombstones = [int(i) for i in meta.get("tombstones", [])]
+            out = cls(
+                index,
+                items,
+                meta["class_names"],
+                manifest,
+                meta.get("next_id"),
+                tombstones,
+                read_only=mmap,
+            )
+        except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(
+                f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
+            ) from None
+        if index.ntotal != len(out.items) + len(out.tombstones):
+            raise UserError(
+                f"{directory} is damaged: the FAISS index holds {index.ntotal} vectors, the "
+                f"metadata {len(out.items)} items; rebuild the index"
+            )
+        return out
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:
@@ -294,14 +778,20 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not directory.is_dir():
-        raise UserError(f"{directory}: no such index folder (build one with `retrieval index build`)")
+        raise UserError(
+            f"{directory}: no such index folder (build one with `retrieval index build`)"
+        )
     if not path.is_file():
         raise UserError(f"{directory} is not an index folder: it has no {MANIFEST_FILE}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise TypeError("not a mapping")
+        if int(raw.get("format_version", 1)) > FORMAT_VERSION:
+            raise UserError(
+                f"{directory} was written by a newer metric-retrieval; upgrade to read it"
+            )
         manifest = Manifest(**raw)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is damaged ({exc}); rebuild the index") from None
-    if manifest.format_version > FORMAT_VERSION:
-        raise UserError(f"{directory} was written by a newer metric-retrieval; upgrade to read it")
     return manifest
