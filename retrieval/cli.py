@@ -221,6 +221,10 @@ def embed_cmd(
 
 # ------------------------------------------------------------------------------------ index
 
+_INDEX_HELP = ("FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF1024,PQ16, "
+               "OPQ16,IVF1024,PQ16, SQ8, ... or auto (chosen from the gallery size and "
+               "--memory-budget).")
+
 
 @index_app.command("build")
 def index_build(
@@ -228,14 +232,25 @@ def index_build(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
     out: Path = typer.Option(..., "--out", help="Index folder to write."),
     metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
+    index_type: str = typer.Option("Flat", "--index", help=_INDEX_HELP),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Memory the index may "
+                                      "use, for --index auto (e.g. 512MB, 4GB)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists visited per "
+                                         "query by default (stored in the index)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search "
+                                            "depth by default (stored in the index)."),
     split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
     classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
     data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
+    from retrieval.index import parse_memory
+    from retrieval.search import index_lock
+
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    budget = parse_memory(memory_budget)
     net, state = load_model(model)
     ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
     emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
@@ -244,9 +259,65 @@ def index_build(
         emb, ds.refs, ds.labels, ds.class_names, metric=metric,
         model_sha256=file_sha256(model), model_path=str(Path(model).resolve()),
         preprocessing={k: state["model_config"][k] for k in ("image_size", "mean", "std")},
+        index_type=index_type, memory_budget=budget,
     )
-    index.save(out)
-    console.print(f"indexed {len(index)} images ({index.manifest.dim}-d, {metric}) in {out}")
+    index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+    with index_lock(out):
+        index.save(out)
+    console.print(f"indexed {len(index)} images ({index.manifest.dim}-d, {metric}, "
+                  f"{index.manifest.index_type}) in {out}")
+
+
+@index_app.command("add")
+def index_add(
+    index_dir: Path = typer.Argument(..., help="Index folder from `retrieval index build`."),
+    sources: list[str] = typer.Argument(..., help="Image files (labelled --label), folders of "
+                                        "class sub-folders or CSV manifests (labelled by them)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Class of the added images "
+                                        "(default: their folder's class; 'unlabelled' for "
+                                        "single files)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+                                         "the index was built with (must be the same)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Add images to an index; they get new ids (ids are never reused)."""
+    from retrieval.search import UNLABELLED, SearchService, index_lock
+
+    with index_lock(index_dir):
+        service = SearchService(index_dir, model, device=device)
+        vectors, refs, labels = [], [], []
+        for src in sources:
+            path = Path(src)
+            if path.is_dir() or path.suffix.lower() == ".csv" or src.startswith(BUILTIN):
+                ds = open_source(src, draft_size=service.image_size)
+                vectors.append(_embed_with_progress(service.model,
+                                                    ds.with_transform(service.transform),
+                                                    service.device, src))
+                refs += ds.refs
+                labels += [label or ds.class_names[y] for y in ds.labels]
+            else:
+                vectors.append(service.embed([read_image(path)]))
+                refs.append(str(path.resolve()))
+                labels.append(label or UNLABELLED)
+        ids = service.add_vectors(np.concatenate(vectors), refs, labels)
+    span = f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}-{ids[-1]}"
+    console.print(f"added {len(ids)} images ({span}) to {index_dir}; it holds {len(service)}")
+
+
+@index_app.command("remove")
+def index_remove(
+    index_dir: Path = typer.Argument(..., help="Index folder."),
+    ids: list[int] = typer.Argument(..., help="Ids of the items to remove (see `retrieval "
+                                    "search --json`)."),
+) -> None:
+    """Remove items from an index by id (all or nothing)."""
+    from retrieval.search import index_lock
+
+    with index_lock(index_dir):
+        index = GalleryIndex.load(index_dir)
+        n = index.remove(ids)
+        index.save(index_dir)
+    console.print(f"removed {n} items from {index_dir}; it holds {len(index)}")
 
 
 @index_app.command("info")
@@ -258,6 +329,12 @@ def index_info(index_dir: Path = typer.Argument(..., help="Index folder.")) -> N
         if key == "checksums":
             value = ", ".join(f"{k}: {v[:12]}" for k, v in value.items())
         table.add_row(key, str(value))
+    described = GalleryIndex.load(index_dir, mmap=True).describe()
+    for key, value in described.items():
+        if key not in ("metric", "dim", "index_type", "read_only"):
+            table.add_row(key, str(value))
+    size = sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file())
+    table.add_row("size on disk", f"{size / 1024**2:,.1f} MB")
     console.print(table)
 
 
@@ -274,39 +351,36 @@ def search_cmd(
                                          "the index was built with."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write a PNG grid of the results."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (IVF "
+                                         "indexes)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth "
+                                            "(HNSW indexes)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading "
+                              "it (large indexes)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
-    """Find the images of an index most similar to each query image."""
-    manifest = read_manifest(index_dir)
-    model_path = model or Path(manifest.model_path)
-    if model is None and not model_path.is_file():
-        raise UserError(f"the index's model {model_path} is gone; pass --model CHECKPOINT")
-    net, state = load_model(model_path)
-    index = GalleryIndex.load(index_dir, model_sha256=file_sha256(model_path),
-                              dim=state["model_config"]["embedding_dim"])
+    """Find the images of an index most similar to each query image (one batched search)."""
+    from retrieval.search import SearchService
+
+    service = SearchService(index_dir, model, device=device, mmap=mmap)
     paths = _expand_queries(images)
     raw = [_read_query(p) for p in paths]
-    transform = preprocessing(state)
-    import torch
-
-    batch = torch.stack([transform(img) for img in raw])
-    from retrieval.embed import embed_images
-
-    d, i = index.search(embed_images(net, batch, pick_device(device)), k)
-    results = [{"query": p, "results": [vars(h) for h in index.hits(d[q], i[q])]}
+    hits = service.search(raw, k, nprobe=nprobe, ef_search=ef_search)
+    results = [{"query": p, "results": [vars(h) for h in hits[q]]}
                for q, p in enumerate(paths)]
-    score_name = "similarity" if index.manifest.metric == "cosine" else "distance"
+    metric = service.index.manifest.metric
+    score_name = "similarity" if metric == "cosine" else "distance"
     if as_json:
-        sys.stdout.write(json.dumps({"metric": index.manifest.metric, "queries": results},
-                                    indent=2) + "\n")
+        sys.stdout.write(json.dumps({"metric": metric, "queries": results}, indent=2) + "\n")
     else:
         for res in results:
             table = Table(title=f"query: {res['query']}")
-            for col, just in (("rank", "right"), (score_name, "right"), ("label", "left"),
-                              ("path", "left")):
+            for col, just in (("rank", "right"), ("id", "right"), (score_name, "right"),
+                              ("label", "left"), ("path", "left")):
                 table.add_column(col, justify=just)
             for h in res["results"]:
-                table.add_row(str(h["rank"]), f"{h['score']:.4f}", h["label"], h["ref"])
+                table.add_row(str(h["rank"]), str(h["id"]), f"{h['score']:.4f}", h["label"],
+                              h["ref"])
             console.print(table)
     if out is not None:
         rows = []
@@ -317,6 +391,36 @@ def search_cmd(
         neighbour_grid(rows, out)
         if not as_json:
             console.print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+@app.command("serve")
+def serve_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder from `retrieval index build`."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+                                         "the index was built with."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this "
+                             "machine only."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: Optional[str] = typer.Option(None, "--token", help="API token required by the "
+                                        "write endpoints (POST/DELETE /images); default: "
+                                        "$RETRIEVAL_API_TOKEN, else none."),
+    uploads: Optional[Path] = typer.Option(None, "--uploads", help="Folder for added images "
+                                           "(default: INDEX_DIR-uploads beside the index)."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01,
+                                        help="Largest upload accepted (413 above)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index (read-only: adds "
+                              "and removes are refused)."),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda | mps."),
+) -> None:
+    """Serve the search page and HTTP API (docs at /docs) for an index."""
+    from retrieval.server import serve
+
+    logging.getLogger("retrieval").setLevel(logging.INFO)
+    serve(index_dir, model, host=host, port=port, token=token, uploads_dir=uploads, mmap=mmap,
+          device=device, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
 
 
 # ------------------------------------------------------------------------------------ evaluate

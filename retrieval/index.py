@@ -85,6 +85,14 @@ ID_BYTES = 8
 FAMILIES = ("flat", "ivf", "hnsw")
 
 
+class UnknownIdError(UserError):
+    """An id that is not (or no longer) in the index."""
+
+
+class ReadOnlyIndexError(UserError):
+    """A change asked of an index opened memory-mapped."""
+
+
 def as_faiss(x: np.ndarray) -> np.ndarray:
     """float32, C-contiguous, 2-D: what FAISS wants."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -568,7 +576,7 @@ class GalleryIndex:
         unknown = [i for i in ids if i not in self.items]
         if unknown:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-            raise UserError(f"no item with id {shown} in this index")
+            raise UnknownIdError(f"no item with id {shown} in this index")
         if not ids:
             return 0
         if self.family == "hnsw":
@@ -600,9 +608,18 @@ class GalleryIndex:
         self.index = new
         self.tombstones.clear()
 
+    def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the search parameters stored in the index (used when a query gives none)."""
+        if nprobe is not None or ef_search is not None:
+            search_parameters(self.index, nprobe, ef_search)  # validates both
+        if nprobe is not None:
+            _ivf(self.index).nprobe = nprobe
+        if ef_search is not None:
+            _inner(self.index).hnsw.efSearch = ef_search
+
     def _check_writable(self) -> None:
         if self.read_only:
-            raise UserError(
+            raise ReadOnlyIndexError(
                 "this index was opened memory-mapped (read-only); open it without --mmap to "
                 "add or remove images"
             )
