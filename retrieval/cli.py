@@ -426,43 +426,160 @@ def serve_cmd(
 # ------------------------------------------------------------------------------------ evaluate
 
 
+#: Evaluation protocols of ``retrieval evaluate`` (``auto`` picks one, see its help).
+PROTOCOLS = ("auto", "leave-one-out", "query-gallery", "cross-domain")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
-    source: str = typer.Argument(f"{BUILTIN}:test", help="Evaluation images."),
+    source: str = typer.Argument(f"{BUILTIN}:test", help="Evaluation images (the queries)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to evaluate."),
     pixels: bool = typer.Option(False, "--pixels", help="Evaluate raw pixels (a baseline)."),
     classes: Optional[str] = typer.Option(None, help="Classes to evaluate on; default 5-9 for "
-                                          "the built-in set (the unseen classes), else all."),
+                                          "the built-in set (the unseen classes), else all. "
+                                          "Filters the queries only with --gallery."),
     split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
-    ks: str = typer.Option(",".join(map(str, DEFAULT_KS)), help="k's of recall@k."),
+    ks: str = typer.Option(",".join(map(str, DEFAULT_KS)), help="k's of recall@k, precision@k "
+                           "and MAP@k."),
     metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
+    protocol: str = typer.Option("auto", help="leave-one-out | query-gallery (CSV columns "
+                                 "is_query, is_gallery) | cross-domain (needs --gallery) | auto "
+                                 "(cross-domain with --gallery, query-gallery for a CSV with "
+                                 "those columns, else leave-one-out)."),
+    gallery: Optional[str] = typer.Option(None, "--gallery", help="Gallery source for the "
+                                          "cross-domain protocol (classes matched by name)."),
+    gallery_split: Optional[str] = typer.Option(None, "--gallery-split",
+                                                help="Split of the --gallery source."),
+    clustering: bool = typer.Option(True, "--clustering/--no-clustering",
+                                    help="NMI and AMI of k-means on the queries."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a report folder: "
+                                          "metrics.json, report.md, report.html, pictures."),
+    map_method: str = typer.Option("pca", "--map", help="2-D map in the report: pca | tsne."),
+    examples: int = typer.Option(8, "--examples", min=0, max=64,
+                                 help="Example and worst queries drawn in the report."),
+    per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
-    """Leave-one-out retrieval: recall@k and MAP@R, each image querying all the others."""
+    """Retrieval metrics: recall@k, precision@k, MAP@k, MAP@R, R-precision, MRR, NMI, AMI."""
+    from retrieval.evaluate import align_labels, evaluate, read_query_gallery_flags
+    from retrieval.evaluate import split_query_gallery as split_qg
+    from retrieval.report import MAP_METHODS, metric_columns, write_report
+
     if (model is None) == (not pixels):
         raise UserError("give either --model CHECKPOINT or --pixels")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if map_method not in MAP_METHODS:
+        raise UserError(f"unknown --map {map_method!r}; choose one of {', '.join(MAP_METHODS)}")
+    if protocol == "auto":
+        has_flags = source.lower().endswith(".csv") and Path(source).is_file() and {
+            "is_query", "is_gallery"} <= set(Path(source).open(encoding="utf-8").readline()
+                                             .strip().replace(" ", "").split(","))
+        protocol = ("cross-domain" if gallery else
+                    "query-gallery" if has_flags else "leave-one-out")
+    if (protocol == "cross-domain") != (gallery is not None):
+        raise UserError("the cross-domain protocol needs --gallery SOURCE, and --gallery "
+                        "needs the cross-domain protocol")
     ks_t = _ks(ks)
     if classes is None and source.startswith(BUILTIN):
         classes = "5-9"
+    state = None
     if model is not None:
         net, state = load_model(model)
-        ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
-        x = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
-                                 pick_device(device), source)
-        name = str(model)
+
+    def vectors(ds: ImageDataset, what: str) -> np.ndarray:
+        if state is None:
+            return pixel_vectors(ds)
+        return _embed_with_progress(net, ds.with_transform(preprocessing(state)),
+                                    pick_device(device), what)
+
+    size = state["model_config"]["image_size"] if state is not None else None
+    ds = _open(source, split, classes, data_root, size)
+    x = vectors(ds, source)
+    names = ds.class_names
+    if protocol == "leave-one-out":
+        qds = gds = ds
+        xq, yq, xb, yb, self_index = x, ds.labels, None, None, None
+    elif protocol == "query-gallery":
+        is_q, is_g = read_query_gallery_flags(source, split)
+        q_pos, g_pos, self_index = split_qg(is_q[ds.index], is_g[ds.index])
+        qds, gds = ds.subset(q_pos), ds.subset(g_pos)
+        xq, yq, xb, yb = x[q_pos], ds.labels[q_pos], x[g_pos], ds.labels[g_pos]
     else:
-        ds = _open(source, split, classes, data_root)
-        x = pixel_vectors(ds)
-        name = "raw pixels"
-    scores = evaluate_embeddings(x, ds.labels, ks_t, metric)
+        gds = open_source(gallery, split=gallery_split, root=data_root, draft_size=size)
+        qds = ds
+        xq, xb = x, vectors(gds, gallery)
+        yq, yb, names = align_labels(ds.labels, ds.class_names, gds.labels, gds.class_names)
+        self_index = None
+    ev = evaluate(xq, yq, xb, yb, ks=ks_t, metric=metric, self_index=self_index,
+                  clustering=clustering, class_names=names)
+    name = str(model) if model is not None else "raw pixels"
+    info = {"name": report.name if report is not None else name, "model": name,
+            "source": source, "split": split, "classes": classes or "all",
+            "protocol": protocol}
+    if gallery is not None:
+        info |= {"gallery": gallery, "gallery_split": gallery_split}
+    if report is not None:
+        write_report(report, ev, xq, yq, x if xb is None else xb, yq if yb is None else yb,
+                     names, info, query_image=qds.image, gallery_image=gds.image,
+                     query_refs=qds.refs, map_method=map_method, examples=examples)
     if as_json:
-        sys.stdout.write(json.dumps({"model": name, "metric": metric, **scores}, indent=2) + "\n")
+        doc = {"model": name, "metric": metric, "protocol": protocol, **ev.metrics}
+        if per_class:
+            doc["per_class"] = ev.per_class
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    console.print(f"{source} classes {classes or 'all'}, {protocol}: {ev.metrics['queries']} "
+                  f"queries ({ev.metrics['skipped_queries']} without a relevant item left out), "
+                  f"gallery {ev.metrics['gallery']}, {metric}")
+    table = Table()
+    table.add_column("metric")
+    table.add_column(name, justify="right")
+    for key, head in metric_columns(ev.metrics, ks_t):
+        table.add_row(head, f"{ev.metrics[key]:.4f}")
+    console.print(table)
+    if per_class:
+        pc = Table(title="per class")
+        keys = [f"recall@{ks_t[0]}", "map@r", "r_precision", "mrr"]
+        for col in ("class", "queries", *keys):
+            pc.add_column(col, justify="left" if col == "class" else "right")
+        for row in ev.per_class:
+            pc.add_row(row["class"], str(row["queries"]), *[f"{row[k]:.3f}" for k in keys])
+        console.print(pc)
+    if report is not None:
+        console.print(f"wrote {report / 'report.html'}, report.md and metrics.json")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: list[Path] = typer.Argument(..., help="Runs: report folders (with metrics.json) "
+                                      "or metrics JSON files (from --report or --json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a folder with compare.md, "
+                                       "a self-contained compare.html and recall.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Put evaluated runs side by side: a table of metrics and overlaid recall@k curves."""
+    from retrieval.report import comparison_table, load_run, unique_names, write_comparison
+
+    loaded = [load_run(p) for p in runs]
+    if as_json:
+        doc = {n: r.metrics for n, r in zip(unique_names(loaded), loaded, strict=True)}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        console.print(_metrics_table({name: scores}, ks_t,
-                                     f"{source} classes {classes or 'all'}: "
-                                     f"{scores['queries']} queries, leave-one-out"))
+        head, body = comparison_table(loaded)  # one row per run: shown transposed
+        table = Table(title=f"{len(loaded)} runs")
+        table.add_column("metric")
+        for row in body:
+            table.add_column(row[0], justify="right")
+        for c, col in enumerate(head[1:], start=1):
+            table.add_row(col, *[row[c] for row in body])
+        console.print(table)
+    if out is not None:
+        write_comparison(out, loaded)
+        if not as_json:
+            console.print(f"wrote {out / 'compare.html'}, compare.md and recall.png")
 
 
 # ------------------------------------------------------------------------------------ demo
