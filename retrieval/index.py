@@ -84,6 +84,13 @@ ID_BYTES = 8
 
 FAMILIES = ("flat", "ivf", "hnsw")
 
+#: Exact search block: FAISS computes query x gallery similarities in blocks of this many
+#: queries x gallery vectors (64 MB of float32). FAISS's default gallery block, 1,024, makes
+#: exact batch search about half as fast as one torch matmul + topk; 16,384 makes it faster.
+BLAS_QUERY_BLOCK, BLAS_DATABASE_BLOCK = 1024, 16384
+faiss.cvar.distance_compute_blas_query_bs = BLAS_QUERY_BLOCK
+faiss.cvar.distance_compute_blas_database_bs = BLAS_DATABASE_BLOCK
+
 
 class UnknownIdError(UserError):
     """An id that is not (or no longer) in the index."""
@@ -190,7 +197,7 @@ def parse_memory(text: str | int) -> int:
     return value
 
 
-def _nlist(n: int) -> int:
+def nlist_for(n: int) -> int:
     """IVF lists for ``n`` vectors: the power of two nearest ``4 sqrt(n)``, at most n / 39."""
     target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     return int(max(1, min(target, n // VECTORS_PER_LIST)))
@@ -230,7 +237,7 @@ def choose_index_type(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDG
     m = int((per_vector - 4 * dim - ID_BYTES) // 8)
     if m >= HNSW_MIN_M:
         return f"HNSW{min(m, HNSW_MAX_M)}"
-    nlist = _nlist(n)
+    nlist = nlist_for(n)
     centroids = nlist * dim * 4
     if n * (4 * dim + ID_BYTES) + centroids <= memory_budget:
         return f"IVF{nlist},Flat"
