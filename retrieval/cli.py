@@ -175,10 +175,12 @@ def train_cmd(
 
     records: list[dict] = []
     with _progress() as bar:
-        task = bar.add_task("epoch 1", total=None, info="")
+        tasks: list = []  # the bar appears with the first step, after the data has loaded
 
         def on_step(s: StepInfo) -> None:
-            bar.update(task, total=s.steps, completed=s.step, description=f"epoch {s.epoch}/"
+            if not tasks:
+                tasks.append(bar.add_task("", total=s.steps, info=""))
+            bar.update(tasks[0], total=s.steps, completed=s.step, description=f"epoch {s.epoch}/"
                        f"{cfg.epochs}", info=f"loss {s.loss:.4f}  {s.images_per_s:,.0f} img/s")
 
         def on_epoch(rec: dict) -> None:

@@ -34,11 +34,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _digit_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+def _digit_images(size: int, per_class: int | None = PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     rows, labels = [], []
     for c in range(10):
-        pos = np.flatnonzero(d.target == c)[:PER_CLASS]
+        pos = np.flatnonzero(d.target == c)[:per_class]
         for i in pos:
             img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8))
             rows.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
@@ -67,9 +67,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="session")
 def fake_fmnist(tmp_path_factory) -> Path:
-    """IDX files shaped like Fashion-MNIST: 28x28 digits, train and test halves."""
+    """IDX files shaped like Fashion-MNIST: all 1,797 digits at 28x28, train and test halves."""
     root = tmp_path_factory.mktemp("fake-fmnist")
-    images, labels = _digit_images(28)
+    images, labels = _digit_images(28, per_class=None)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(labels))
     images, labels = images[order], labels[order]

@@ -1,0 +1,184 @@
+"""Every subcommand through the command line, and every bad input as a one-line error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from retrieval.checkpoint import FORMAT
+from retrieval.evaluate import evaluate_embeddings
+from tests.conftest import PER_CLASS, run_cli
+from tests.retrieval.test_metrics import brute_force
+
+
+def test_train_writes_a_complete_run(trained_run):
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl", "curves.png"):
+        assert (trained_run / name).is_file(), name
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    assert state["format"] == FORMAT
+    assert state["class_names"] == [f"digit{i}" for i in range(10)]
+    assert state["model_config"]["embedding_dim"] == 128
+    assert state["model_config"]["image_size"] == 16
+    cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert cfg["epochs"] == 1 and cfg["batch_size"] == 40 and cfg["device"] == "cpu"
+    record = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= record["val_recall@1"] <= 1.0 and record["loss"] >= 0.0
+    assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_train_config_file_and_overrides(tmp_path, digits_folder, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"epochs": 5, "batch_size": 40, "m_per_class": 8,
+                                   "image_size": 12, "classes": "0-4", "data": str(digits_folder),
+                                   "val_fraction": 0.2}))
+    code, out, err = run_cli(["train", "--config", cfg, "--epochs", "1", "--out",
+                              tmp_path / "run", "--device", "cpu"], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == 1  # the command line wins
+    assert saved["image_size"] == 12 and saved["val_fraction"] == 0.2  # the file's values
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["model_config"]["image_size"] == 12
+
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    code, _, err = run_cli(["train", "--config", cfg], capsys)
+    assert code == 2 and "unknown configuration keys ['learning_rate']" in err
+
+
+def test_embed(trained_run, digits_folder, tmp_path, capsys):
+    code, out, err = run_cli(["embed", digits_folder, "--model", trained_run / "best.pt",
+                              "--out", tmp_path / "emb.npy", "--device", "cpu"], capsys)
+    assert code == 0, err
+    emb = np.load(tmp_path / "emb.npy")
+    ids = json.loads((tmp_path / "emb.ids.json").read_text())
+    assert emb.shape == (10 * PER_CLASS, 128) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert len(ids["items"]) == len(emb) and ids["class_names"][0] == "digit0"
+
+
+def test_evaluate_matches_brute_force(trained_run, digits_folder, tmp_path, capsys):
+    run_cli(["embed", digits_folder, "--model", trained_run / "best.pt", "--out",
+             tmp_path / "e.npy"], capsys)
+    emb = np.load(tmp_path / "e.npy")
+    labels = np.array([it["label"] for it in json.loads((tmp_path / "e.ids.json").read_text())
+                       ["items"]])
+    code, out, err = run_cli(["evaluate", digits_folder, "--model", trained_run / "best.pt",
+                              "--json", "--ks", "1,2,4,8"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    want = brute_force(emb, labels, (1, 2, 4, 8))
+    # FAISS ranks in float32, the reference in float64: near-ties may swap, hence 1e-4
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+        assert got[key] == pytest.approx(want[key], abs=1e-4), key
+
+    code, out, _ = run_cli(["evaluate", digits_folder, "--pixels", "--json"], capsys)
+    pixels = json.loads(out)
+    assert pixels["model"] == "raw pixels"
+    from data.datasets import open_source
+    from retrieval.evaluate import pixel_vectors
+
+    ds = open_source(str(digits_folder))
+    assert pixels["map@r"] == pytest.approx(
+        evaluate_embeddings(pixel_vectors(ds), ds.labels)["map@r"])
+
+
+def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
+    index = tmp_path / "idx"
+    code, out, err = run_cli(["index", "build", digits_folder, "--model",
+                              trained_run / "best.pt", "--out", index], capsys)
+    assert code == 0, err
+    code, out, _ = run_cli(["index", "info", index], capsys)
+    assert code == 0 and "cosine" in out and str(10 * PER_CLASS) in out
+    query = sorted((digits_folder / "digit3").iterdir())[0]
+    code, out, err = run_cli(["search", index, query, "--k", "5", "--json",
+                              "--out", tmp_path / "grid.png"], capsys)
+    assert code == 0, err
+    results = json.loads(out)["queries"][0]["results"]
+    assert len(results) == 5
+    assert results[0]["ref"] == str(query) and results[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run_cli(["search", index, query, "--k", "3"], capsys)
+    assert code == 0 and "similarity" in out and "digit3" in out
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_image", "corrupt_image", "text_file", "wrong_index", "other_model",
+     "bad_checkpoint", "missing_source", "bad_k"],
+)
+def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path, capsys):
+    index = tmp_path / "idx"
+    run_cli(["index", "build", digits_folder, "--model", trained_run / "best.pt",
+             "--out", index], capsys)
+    good = sorted((digits_folder / "digit1").iterdir())[0]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"garbage")
+    other = tmp_path / "other.pt"
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, other)
+    args = {
+        "missing_image": ["search", index, tmp_path / "nope.png"],
+        "corrupt_image": ["search", index, corrupt],
+        "text_file": ["search", index, text],
+        "wrong_index": ["search", tmp_path, good],
+        "other_model": ["search", index, good, "--model", other],
+        "bad_checkpoint": ["embed", digits_folder, "--model", bad_ckpt, "--out", tmp_path / "e"],
+        "missing_source": ["evaluate", tmp_path / "nothing", "--pixels"],
+        "bad_k": ["evaluate", digits_folder, "--pixels", "--ks", "0,x"],
+    }[case]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[0].startswith("error:"), err
+    expected = {
+        "missing_image": "no such file",
+        "corrupt_image": "corrupt or truncated",
+        "text_file": "not an image",
+        "wrong_index": "not an index folder",
+        "other_model": "built with another model",
+        "bad_checkpoint": "not a readable checkpoint",
+        "missing_source": "no such file or folder",
+        "bad_k": "--ks",
+    }[case]
+    assert expected in " ".join(err.split()), err
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrieval", "search", str(tmp_path / "none"), "x.png"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_demo_on_a_small_stand_in(fake_fmnist, tmp_path, capsys):
+    code, out, err = run_cli(["demo", "--out", tmp_path / "demo", "--epochs", "1",
+                              "--data-root", fake_fmnist, "--device", "cpu"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(result["table"]) == {"raw pixels", "untrained network", "trained network"}
+    for row in result["table"].values():
+        assert 0 <= row["map@r"] <= row["recall@1"] <= row["recall@8"] <= 1
+    assert (tmp_path / "demo" / "queries.png").read_bytes()[:4] == b"\x89PNG"
+    assert "trained network" in out and "MAP@R" in out
+    # every query comes from the train split of an unseen class and is not in the gallery
+    for s in result["searches"]:
+        assert s["query"].startswith("fashion-mnist:train:")
+        assert all(r["ref"].startswith("fashion-mnist:test:") for r in s["results"])
