@@ -78,6 +78,8 @@ def run_pml(x, y) -> dict:
 
 
 def child(args) -> None:
+    import retrieval.index  # noqa: F401  both sides get the project's FAISS BLAS block sizes
+
     x, y = make_data(args)
     result = (run_ours if args.only == "ours" else run_pml)(x, y)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
