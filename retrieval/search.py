@@ -142,6 +142,7 @@ def index_lock(directory: str | os.PathLike) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
+    directory.parent.mkdir(parents=True, exist_ok=True)
     path = directory.parent / f".{directory.name}.lock"
     with open(path, "a+") as fh:
         try:

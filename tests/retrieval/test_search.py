@@ -20,7 +20,7 @@ def _search_json(capsys, index_dir, *args):
 
 
 def test_index_lifecycle_through_the_cli(trained_run, digits_folder, tmp_path, capsys):
-    idx = tmp_path / "idx"
+    idx = tmp_path / "new" / "folders" / "idx"
     code, out, err = run_cli(
         [
             "index",
