@@ -5,7 +5,9 @@ A checkpoint is a ``torch.save`` dictionary of tensors and plain values only, so
 
 - ``format`` / ``version``: identify the file;
 - ``model``: the :class:`~retrieval.models.EmbeddingNet` state dict;
-- ``model_config``: ``arch``, ``embedding_dim``, ``image_size``, ``mean``, ``std``;
+- ``model_config``: ``arch``, ``head_dim`` (the embedding head's size), ``embedding``
+  (``head`` or ``features``: what is indexed), ``embedding_dim`` (length of the indexed
+  vectors), ``image_size``, ``mean``, ``std``;
 - ``config``: the resolved training configuration;
 - ``class_names``: names of the training classes;
 - any extra entries the trainer adds (epoch, metrics, optimizer state, ...).
@@ -65,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def model_from_checkpoint(state: dict) -> EmbeddingNet:
     """Rebuild the model of a loaded checkpoint, in eval mode."""
     cfg = state["model_config"]
-    model = build_model(cfg["arch"], cfg["embedding_dim"])
+    model = build_model(cfg["arch"], cfg.get("head_dim", cfg["embedding_dim"]),
+                        cfg.get("embedding", "head"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -146,7 +146,10 @@ def train_cmd(
     m_per_class: Optional[int] = typer.Option(None, help="K: images per class in a batch."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     margin: Optional[float] = typer.Option(None, help="Triplet margin (cosine distance)."),
-    embedding_dim: Optional[int] = typer.Option(None, help="Embedding length."),
+    embedding_dim: Optional[int] = typer.Option(None, help="Length of the embedding head."),
+    embedding: Optional[str] = typer.Option(None, help="What is indexed: head (the embedding "
+                                            "head's output) or features (the backbone features "
+                                            "under it; they transfer better to unseen classes)."),
     image_size: Optional[int] = typer.Option(None, help="Input side, pixels."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps."),
@@ -167,7 +170,8 @@ def train_cmd(
     overrides = {
         "data": data, "classes": classes, "data_root": data_root, "arch": arch, "epochs": epochs,
         "batch_size": batch_size, "m_per_class": m_per_class, "lr": lr, "margin": margin,
-        "embedding_dim": embedding_dim, "image_size": image_size, "seed": seed,
+        "embedding_dim": embedding_dim, "embedding": embedding, "image_size": image_size,
+        "seed": seed,
         "device": device, "out": out,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -590,7 +594,7 @@ def compare_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the results."),
-    epochs: int = typer.Option(3, help="Training epochs."),
+    epochs: int = typer.Option(2, help="Training epochs."),
     data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:

@@ -35,7 +35,7 @@ from retrieval.checkpoint import save_checkpoint
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import UserError
 from retrieval.evaluate import evaluate_embeddings
-from retrieval.models import DEFAULT_EMBEDDING_DIM, build_model
+from retrieval.models import BACKBONES, DEFAULT_EMBEDDING_DIM, EMBEDDINGS, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class TrainConfig:
     classes: str | None = "0-4"  #: seen classes used for training ('' = all)
     val_fraction: float = 0.1  #: share of the seen classes' images held out for validation
     arch: str = "small"  #: backbone (retrieval.models.BACKBONES)
-    embedding_dim: int = DEFAULT_EMBEDDING_DIM
+    embedding_dim: int = DEFAULT_EMBEDDING_DIM  #: length of the embedding head's output
+    embedding: str = "head"  #: what is indexed: head | features (see retrieval.models)
     image_size: int = DEFAULT_IMAGE_SIZE  #: side of the square model input, pixels
     epochs: int = 3
     batch_size: int = 128  #: images per batch (P classes x K images)
@@ -81,6 +82,12 @@ class TrainConfig:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"embedding must be one of {', '.join(EMBEDDINGS)}, "
+                            f"got {self.embedding!r}")
+        if self.arch not in BACKBONES:
+            raise UserError(f"unknown backbone {self.arch!r}; choose one of "
+                            f"{', '.join(sorted(BACKBONES))}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -183,14 +190,16 @@ def train(
             f"the data has {n_classes}; lower batch_size or raise m_per_class"
         )
 
+    model = build_model(cfg.arch, cfg.embedding_dim, cfg.embedding).to(device)
     model_config = {
         "arch": cfg.arch,
-        "embedding_dim": cfg.embedding_dim,
+        "head_dim": cfg.embedding_dim,
+        "embedding": cfg.embedding,
+        "embedding_dim": model.output_dim,
         "image_size": cfg.image_size,
         "mean": mean,
         "std": std,
     }
-    model = build_model(cfg.arch, cfg.embedding_dim).to(device)
     loss_fn = pml_losses.TripletMarginLoss(margin=cfg.margin)
     miner = pml_miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -215,7 +224,7 @@ def train(
         t0, seen, total = time.perf_counter(), 0, 0.0
         for step, (images, targets) in enumerate(loader, start=1):
             images, targets = images.to(device, non_blocking=True), targets.to(device)
-            emb = model(images)  # (batch, embedding_dim)
+            emb = model.head_embedding(images)  # (batch, embedding_dim): what the loss sees
             loss = loss_fn(emb, targets, miner(emb, targets))
             if not torch.isfinite(loss):
                 raise UserError(
