@@ -366,6 +366,8 @@ def search_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Find the images of an index most similar to each query image (one batched search)."""
+    from rich.text import Text
+
     from retrieval.search import SearchService
 
     service = SearchService(index_dir, model, device=device, mmap=mmap)
@@ -380,7 +382,8 @@ def search_cmd(
         sys.stdout.write(json.dumps({"metric": metric, "queries": results}, indent=2) + "\n")
     else:
         for res in results:
-            table = Table(title=f"query: {res['query']}")
+            # a Text title: rich would turn ':train:' in fashion-mnist:train:0 into an emoji
+            table = Table(title=Text(f"query: {res['query']}"))
             for col, just in (("rank", "right"), ("id", "right"), (score_name, "right"),
                               ("label", "left"), ("path", "left")):
                 table.add_column(col, justify=just)
