@@ -151,6 +151,12 @@ def train_cmd(
                                             "head's output) or features (the backbone features "
                                             "under it; they transfer better to unseen classes)."),
     image_size: Optional[int] = typer.Option(None, help="Input side, pixels."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Random resized crop and flip (default on)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the seen classes' images "
+                                                 "held out for model selection (default 0.1)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
@@ -171,7 +177,8 @@ def train_cmd(
         "data": data, "classes": classes, "data_root": data_root, "arch": arch, "epochs": epochs,
         "batch_size": batch_size, "m_per_class": m_per_class, "lr": lr, "margin": margin,
         "embedding_dim": embedding_dim, "embedding": embedding, "image_size": image_size,
-        "seed": seed,
+        "augment": augment, "val_fraction": val_fraction, "weight_decay": weight_decay,
+        "num_workers": num_workers, "seed": seed,
         "device": device, "out": out,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -40,7 +40,7 @@ UNSEEN = list(range(5, 10))
 #: Learning rate of the demo's recipe (Adam).
 DEMO_LR = 1e-4
 #: Query images drawn in the picture, and neighbours shown per query.
-N_QUERIES, N_NEIGHBOURS = 8, 8
+N_QUERIES, N_NEIGHBOURS = 10, 8
 
 
 def run_demo(
@@ -145,7 +145,7 @@ def demo_config(run: str | os.PathLike, epochs: int, data_root: str | None = Non
 
 
 def _pick_queries(train_split, seed: int):
-    """One or two unseen-class images of the train split per class (never in the gallery)."""
+    """Two unseen-class images of the train split per class (never in the gallery)."""
     unseen = train_split.filter_classes(UNSEEN)
     rng = np.random.default_rng(seed)
     picks = []
