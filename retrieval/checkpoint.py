@@ -7,10 +7,12 @@ A checkpoint is a ``torch.save`` dictionary of tensors and plain values only, so
 - ``model``: the :class:`~retrieval.models.EmbeddingNet` state dict;
 - ``model_config``: ``arch``, ``head_dim`` (the embedding head's size), ``embedding``
   (``head`` or ``features``: what is indexed), ``embedding_dim`` (length of the indexed
-  vectors), ``image_size``, ``mean``, ``std``;
+  vectors), ``image_size``, ``mean``, ``std``, ``stem`` (``small`` when absent);
 - ``config``: the resolved training configuration;
 - ``class_names``: names of the training classes;
-- any extra entries the trainer adds (epoch, metrics, optimizer state, ...).
+- any extra entries the trainer adds: ``epoch``, ``metrics``; in ``last.pt`` also the
+  training state ``train_config``, ``optimizer``, ``scheduler``, ``scaler``, ``loss`` (the
+  loss's learnable parameters), ``rng``, ``sampler``, ``history``, ``best``, ``bad_epochs``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from data.transforms import eval_transform
 from retrieval.atomic import atomic_path
 from retrieval.errors import UserError
-from retrieval.models import EmbeddingNet, build_model
+from retrieval.models import DEFAULT_BACKBONE_IMAGE_SIZE, EmbeddingNet, build_model
 
 FORMAT = "metric-retrieval-checkpoint"
 VERSION = 1
@@ -67,8 +69,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def model_from_checkpoint(state: dict) -> EmbeddingNet:
     """Rebuild the model of a loaded checkpoint, in eval mode."""
     cfg = state["model_config"]
-    model = build_model(cfg["arch"], cfg.get("head_dim", cfg["embedding_dim"]),
-                        cfg.get("embedding", "head"))
+    try:
+        model = build_model(cfg["arch"], cfg.get("head_dim", cfg["embedding_dim"]),
+                            cfg.get("embedding", "head"), stem=cfg.get("stem", "small"),
+                            image_size=cfg.get("image_size", DEFAULT_BACKBONE_IMAGE_SIZE))
+    except ValueError as exc:
+        raise UserError(f"cannot rebuild the checkpoint's model: {exc}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -38,8 +38,8 @@ from retrieval.errors import USER_ERRORS, UserError
 from retrieval.evaluate import evaluate_embeddings, pixel_vectors
 from retrieval.index import METRICS, GalleryIndex, read_manifest
 from retrieval.metrics import DEFAULT_KS
-from retrieval.plots import Tile, neighbour_grid, training_curves
-from retrieval.train import StepInfo, TrainConfig, train
+from retrieval.plots import Tile, neighbour_grid
+from retrieval.train import RESUME_OVERRIDABLE, StepInfo, TrainConfig, load_run_config, train
 
 app = typer.Typer(
     help="Deep metric learning and image retrieval: train, index, search, evaluate.",
@@ -135,17 +135,43 @@ def _expand_queries(images: list[str]) -> list[str]:
 def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of defaults; "
                                           "command-line options override it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Run folder to continue from "
+                                          "its last.pt (only --epochs, --device, --num-workers "
+                                          "and --patience may change)."),
     data: Optional[str] = typer.Option(None, help=f"Training source: {BUILTIN}[:train], a "
                                        "folder of class sub-folders, or a CSV manifest."),
     classes: Optional[str] = typer.Option(None, help="Seen classes to train on, e.g. 0-4 "
                                           "('' = all). Default 0-4."),
     data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
-    arch: Optional[str] = typer.Option(None, help="Backbone: small | resnet18."),
+    arch: Optional[str] = typer.Option(None, help="Backbone: small | resnet18 | resnet34 | "
+                                       "resnet50 | mobilenet_v3_small | mobilenet_v3_large | "
+                                       "efficientnet_b0 | convnext_tiny | efficientnet_lite0."),
+    stem: Optional[str] = typer.Option(None, help="small (28-64 px inputs, default) | imagenet."),
+    pretrained: Optional[str] = typer.Option(None, help="imagenet, or PATH of a "
+                                             "torchvision-format state dict."),
+    loss: Optional[str] = typer.Option(None, help="Embedding loss: triplet (default), "
+                                       "contrastive, cosine-embedding, hinge-embedding, arcface, "
+                                       "infonce, multiple-negatives-ranking, supcon, ..."),
+    miner: Optional[str] = typer.Option(None, help="all | batch-hard | semi-hard | easy-hard | "
+                                        "triplet-margin | distance-weighted | pair-margin | "
+                                        "multi-similarity (default: the loss's natural one)."),
+    loss_arg: Optional[list[str]] = typer.Option(None, "--loss-arg", help="Loss argument "
+                                                 "KEY=VALUE (repeatable), e.g. margin=0.5."),
+    miner_arg: Optional[list[str]] = typer.Option(None, "--miner-arg", help="Miner argument "
+                                                  "KEY=VALUE (repeatable)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch (P x K)."),
     m_per_class: Optional[int] = typer.Option(None, help="K: images per class in a batch."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
-    margin: Optional[float] = typer.Option(None, help="Triplet margin (cosine distance)."),
+    schedule: Optional[str] = typer.Option(None, help="constant (default) | cosine."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up, epochs."),
+    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm (0 = off)."),
+    patience: Optional[int] = typer.Option(None, help="Early stop after this many epochs "
+                                           "without a better val MAP@R (0 = off)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA "
+                                       "(default on; never used on CPU)."),
+    margin: Optional[float] = typer.Option(None, help="Triplet margin (loss and semi-hard "
+                                           "miner), distance units."),
     embedding_dim: Optional[int] = typer.Option(None, help="Length of the embedding head."),
     embedding: Optional[str] = typer.Option(None, help="What is indexed: head (the embedding "
                                             "head's output) or features (the backbone features "
@@ -161,30 +187,43 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
 ) -> None:
-    """Train an embedding network (triplet loss, semi-hard miner, m-per-class batches)."""
-    values: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise UserError(f"{config}: no such config file")
-        try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{config} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{config} must hold a mapping of option: value")
-        values.update(loaded)
+    """Train an embedding network (default: triplet loss, semi-hard miner, P x K batches)."""
     overrides = {
-        "data": data, "classes": classes, "data_root": data_root, "arch": arch, "epochs": epochs,
-        "batch_size": batch_size, "m_per_class": m_per_class, "lr": lr, "margin": margin,
+        "data": data, "classes": classes, "data_root": data_root, "arch": arch, "stem": stem,
+        "pretrained": pretrained, "loss": loss, "miner": miner,
+        "loss_args": _key_values(loss_arg, "--loss-arg"),
+        "miner_args": _key_values(miner_arg, "--miner-arg"), "epochs": epochs,
+        "batch_size": batch_size, "m_per_class": m_per_class, "lr": lr, "schedule": schedule,
+        "warmup_epochs": warmup_epochs, "grad_clip": grad_clip, "patience": patience,
+        "amp": amp, "margin": margin,
         "embedding_dim": embedding_dim, "embedding": embedding, "image_size": image_size,
         "augment": augment, "val_fraction": val_fraction, "weight_decay": weight_decay,
         "num_workers": num_workers, "seed": seed,
         "device": device, "out": out,
     }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig.from_dict(values)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if resume is not None:
+        fixed = sorted(k for k in given if k not in RESUME_OVERRIDABLE)
+        if fixed or config is not None:
+            raise UserError(f"--resume continues a run as it was configured; only "
+                            f"{', '.join(RESUME_OVERRIDABLE)} may be given "
+                            f"(got {', '.join(fixed) or '--config'})")
+        cfg = TrainConfig.from_dict(asdict(load_run_config(resume)) | given)
+    else:
+        values: dict = {}
+        if config is not None:
+            if not config.is_file():
+                raise UserError(f"{config}: no such config file")
+            try:
+                loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise UserError(f"{config} is not valid YAML: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"{config} must hold a mapping of option: value")
+            values.update(loaded)
+        values.update(given)
+        cfg = TrainConfig.from_dict(values)
 
-    records: list[dict] = []
     with _progress() as bar:
         tasks: list = []  # the bar appears with the first step, after the data has loaded
 
@@ -192,17 +231,31 @@ def train_cmd(
             if not tasks:
                 tasks.append(bar.add_task("", total=s.steps, info=""))
             bar.update(tasks[0], total=s.steps, completed=s.step, description=f"epoch {s.epoch}/"
-                       f"{cfg.epochs}", info=f"loss {s.loss:.4f}  {s.images_per_s:,.0f} img/s")
+                       f"{cfg.epochs}", info=f"loss {s.loss:.4f}  lr {s.lr:.2e}  "
+                       f"{s.images_per_s:,.0f} img/s")
 
         def on_epoch(rec: dict) -> None:
-            records.append(rec)
             val = (f"  val R@1 {rec['val_recall@1']:.3f}  MAP@R {rec['val_map@r']:.3f}"
                    if "val_map@r" in rec else "")
             bar.console.print(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}{val}")
 
-        summary = train(cfg, on_step=on_step, on_epoch=on_epoch)
-    training_curves(records, Path(cfg.out) / "curves.png")
-    console.print(f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['epoch']})")
+        summary = train(cfg, on_step=on_step, on_epoch=on_epoch, resume=resume is not None)
+    stop = " (early stop)" if summary["stopped_early"] else ""
+    console.print(f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['epoch']} "
+                  f"of {summary['epochs_run']}{stop}); curves: {Path(cfg.out) / 'curves.png'}")
+
+
+def _key_values(items: list[str] | None, option: str) -> dict | None:
+    """``["margin=0.5", ...]`` -> ``{"margin": 0.5}`` (values read as YAML scalars)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{option} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 # ------------------------------------------------------------------------------------ embed
@@ -212,16 +265,39 @@ def train_cmd(
 def embed_cmd(
     source: str = typer.Argument(..., help=f"{BUILTIN}[:train|test], a folder or a CSV."),
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
-    out: Path = typer.Option(..., "--out", help="Output .npy (ids go to OUT.ids.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .npy (ids go to "
+                                       "OUT.ids.json)."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Instead of --out: write this "
+                                          "process's shard of the gallery into this folder "
+                                          "(one per process under torchrun; for `index build "
+                                          "--from-shards`)."),
     split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
     classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
     data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
-    """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json."""
+    """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json, or with
+    --shards one shard per process (`torchrun --nproc_per_node N -m retrieval embed ...`)."""
+    from retrieval.shards import embed_shard, process_group, rank_from_env, shard_range
+
+    rank = rank_from_env()
+    if (out is None) == (shards is None):
+        raise UserError("give either --out FILE.npy or --shards DIR")
+    if out is not None and rank.world_size > 1:
+        raise UserError(f"{rank.world_size} processes would all write {out}; use --shards DIR")
     net, state = load_model(model)
     ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
     ds = ds.with_transform(preprocessing(state))
+    if shards is not None:
+        with process_group(rank), _progress(transient=True) as bar:
+            task = bar.add_task(f"embedding {source} (rank {rank.rank})",
+                                total=len(shard_range(len(ds), rank)), info="")
+            path = embed_shard(net, ds, shards, rank, file_sha256(model),
+                               str(Path(model).resolve()), source, device=pick_device(device),
+                               on_batch=lambda n: bar.advance(task, n))
+        console.print(f"rank {rank.rank} of {rank.world_size}: wrote {path} "
+                      f"and {path.with_suffix('.npy')}")
+        return
     emb = _embed_with_progress(net, ds, pick_device(device), source)
     out = out if out.suffix == ".npy" else out.with_suffix(".npy")
     write_npy(out, emb)
@@ -241,9 +317,13 @@ _INDEX_HELP = ("FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF102
 
 @index_app.command("build")
 def index_build(
-    source: str = typer.Argument(..., help=f"Gallery: {BUILTIN}[:split], a folder or a CSV."),
+    source: Optional[str] = typer.Argument(None, help=f"Gallery: {BUILTIN}[:split], a folder "
+                                           "or a CSV (or give --from-shards)."),
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
     out: Path = typer.Option(..., "--out", help="Index folder to write."),
+    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Instead of SOURCE: "
+                                               "the folder of `retrieval embed --shards` "
+                                               "(merged part by part; IVF lists are merged)."),
     metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
     index_type: str = typer.Option("Flat", "--index", help=_INDEX_HELP),
     memory_budget: str = typer.Option("2GB", "--memory-budget", help="Memory the index may "
@@ -264,16 +344,26 @@ def index_build(
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     budget = parse_memory(memory_budget)
+    if (source is None) == (from_shards is None):
+        raise UserError("give either a gallery SOURCE or --from-shards DIR")
     net, state = load_model(model)
-    ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
-    emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
-                               pick_device(device), source)
-    index = GalleryIndex.build(
-        emb, ds.refs, ds.labels, ds.class_names, metric=metric,
-        model_sha256=file_sha256(model), model_path=str(Path(model).resolve()),
+    built_with = dict(
+        metric=metric, model_sha256=file_sha256(model), model_path=str(Path(model).resolve()),
         preprocessing={k: state["model_config"][k] for k in ("image_size", "mean", "std")},
         index_type=index_type, memory_budget=budget,
     )
+    if from_shards is not None:
+        from retrieval.shards import build_index_from_shards
+
+        if split is not None or classes is not None:
+            raise UserError("--split and --classes apply when embedding; the shards are "
+                            "already embedded")
+        index = build_index_from_shards(from_shards, **built_with)
+    else:
+        ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
+        emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
+                                   pick_device(device), source)
+        index = GalleryIndex.build(emb, ds.refs, ds.labels, ds.class_names, **built_with)
     index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
     with index_lock(out):
         index.save(out)
@@ -630,6 +720,52 @@ def demo_cmd(
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; "
                   f"picture: {out / 'queries.png'}; model: {result['checkpoint']}; "
                   f"index: {result['index']}  ({result['seconds']:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) from `retrieval train`."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Write an ONNX model here "
+                                        "(dynamic batch axis)."),
+    torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="Write a "
+                                               "TorchScript model here."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run each exported model on a "
+                               "random batch and compare with PyTorch (ONNX needs "
+                               "onnxruntime)."),
+) -> None:
+    """Export the embedding model for serving: images (batch, 3, S, S) -> unit vectors.
+    Writes FILE.json beside each model with its preprocessing."""
+    from retrieval.export import (
+        TOLERANCE,
+        export_onnx,
+        export_torchscript,
+        max_difference,
+        model_card,
+    )
+
+    if onnx is None and torchscript is None:
+        raise UserError("give --onnx FILE.onnx and/or --torchscript FILE.pt")
+    net, state = load_model(checkpoint)
+    size = int(state["model_config"]["image_size"])
+    digest = file_sha256(checkpoint)
+    written = []
+    if onnx is not None:
+        written.append(("onnx", export_onnx(net, size, onnx, model_card(state, digest, "onnx"))))
+    if torchscript is not None:
+        written.append(("torchscript", export_torchscript(
+            net, torchscript, model_card(state, digest, "torchscript"))))
+    for fmt, path in written:
+        note = ""
+        if check:
+            diff = max_difference(net, path, fmt, size)
+            if diff > TOLERANCE:
+                raise UserError(f"{path}: the exported model differs from PyTorch by {diff:.2e} "
+                                f"(more than {TOLERANCE:.0e}); do not use it")
+            note = f", max |difference| from PyTorch {diff:.1e}"
+        console.print(f"wrote {path} ({fmt}, input {size}x{size}{note}) and {path}.json")
 
 
 # ------------------------------------------------------------------------------------ main

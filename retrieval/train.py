@@ -1,11 +1,17 @@
 """Training an embedding network with a metric-learning loss on m-per-class batches.
 
 The run folder holds ``config.yaml`` (the resolved configuration), ``metrics.jsonl`` (one line
-per epoch), ``last.pt`` (every epoch) and ``best.pt`` (best validation MAP@R) — all written
-atomically, so a crash never leaves a torn file.
+per epoch), ``curves.png`` (loss and validation curves), ``last.pt`` (every epoch: model,
+optimizer, scheduler, loss parameters, AMP scaler, RNG and sampler state, epoch, best score) and
+``best.pt`` (best validation MAP@R) — all written atomically, so a crash never leaves a torn
+file, and ``train(cfg, resume=True)`` continues from ``last.pt`` exactly where it stopped.
 
 Model selection uses a validation split held out of the *seen* classes' training images; the
 classes used for the final evaluation are never looked at during training.
+
+The loss and its miner come from :mod:`retrieval.objectives`; the backbone from
+:mod:`retrieval.models`, its pretrained weights from :mod:`retrieval.pretrained`; the learning
+rate follows :mod:`retrieval.schedule`.
 """
 
 from __future__ import annotations
@@ -16,28 +22,39 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.samplers import MPerClassSampler
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from data.datasets import ImageDataset, open_source, parse_classes
 from data.transforms import DEFAULT_IMAGE_SIZE, eval_transform, train_transform
+from retrieval import rng as rng_state
 from retrieval.atomic import write_text
-from retrieval.checkpoint import save_checkpoint
+from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import UserError
 from retrieval.evaluate import evaluate_embeddings
-from retrieval.models import BACKBONES, DEFAULT_EMBEDDING_DIM, EMBEDDINGS, build_model
+from retrieval.models import BACKBONES, DEFAULT_EMBEDDING_DIM, EMBEDDINGS, STEMS, build_model
+from retrieval.objectives import MINERS, TRAINING_LOSSES, build_objective, pair_cosine
+from retrieval.plots import training_curves
+from retrieval.pretrained import input_norm, load_pretrained
+from retrieval.schedule import SCHEDULES, lr_factor
 
 logger = logging.getLogger(__name__)
+
+#: Mean pairwise cosine of the validation embeddings above which they count as collapsed.
+COLLAPSE_COSINE = 0.999
+#: Validation embeddings used for the collapse check.
+COLLAPSE_SAMPLE = 1000
+#: Options that may change when a run is resumed (the others would make it a different run).
+RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "patience")
 
 
 @dataclass
@@ -50,15 +67,26 @@ class TrainConfig:
     classes: str | None = "0-4"  #: seen classes used for training ('' = all)
     val_fraction: float = 0.1  #: share of the seen classes' images held out for validation
     arch: str = "small"  #: backbone (retrieval.models.BACKBONES)
+    stem: str = "small"  #: small (28-64 px inputs) | imagenet (torchvision backbones)
+    pretrained: str | None = None  #: None | imagenet | path of a torchvision-format state dict
     embedding_dim: int = DEFAULT_EMBEDDING_DIM  #: length of the embedding head's output
     embedding: str = "head"  #: what is indexed: head | features (see retrieval.models)
     image_size: int = DEFAULT_IMAGE_SIZE  #: side of the square model input, pixels
+    loss: str = "triplet"  #: training loss (retrieval.objectives.TRAINING_LOSSES)
+    miner: str | None = None  #: miner (retrieval.objectives.MINERS); None = the loss's natural one
+    loss_args: dict = field(default_factory=dict)  #: keyword arguments of the loss
+    miner_args: dict = field(default_factory=dict)  #: keyword arguments of the miner
     epochs: int = 3
     batch_size: int = 128  #: images per batch (P classes x K images)
     m_per_class: int = 32  #: K, images of each class in a batch
-    lr: float = 3e-4  #: Adam learning rate
-    weight_decay: float = 0.0
-    margin: float = 0.2  #: triplet margin, in cosine distance units
+    lr: float = 3e-4  #: Adam learning rate (peak, with a schedule)
+    weight_decay: float = 0.0  #: Adam weight decay
+    schedule: str = "constant"  #: learning-rate schedule: constant | cosine (per step)
+    warmup_epochs: float = 0.0  #: linear warm-up, in epochs
+    grad_clip: float = 0.0  #: max gradient norm; 0 = no clipping
+    patience: int = 0  #: stop after this many epochs without a better val MAP@R; 0 = never
+    amp: bool = True  #: mixed precision (float16 autocast + grad scaling), used on CUDA only
+    margin: float = 0.2  #: triplet margin (loss and semi-hard miner), in distance units
     augment: bool = True  #: random resized crop + horizontal flip
     seed: int = 0
     device: str = "auto"  #: auto | cpu | cuda | mps
@@ -82,12 +110,23 @@ class TrainConfig:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        if self.embedding not in EMBEDDINGS:
-            raise UserError(f"embedding must be one of {', '.join(EMBEDDINGS)}, "
-                            f"got {self.embedding!r}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        choices = {"embedding": EMBEDDINGS, "stem": STEMS, "schedule": SCHEDULES,
+                   "loss": tuple(TRAINING_LOSSES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
+        if self.miner is not None and self.miner not in MINERS:
+            raise UserError(f"unknown miner {self.miner!r}; miners: {', '.join(MINERS)}")
         if self.arch not in BACKBONES:
             raise UserError(f"unknown backbone {self.arch!r}; choose one of "
                             f"{', '.join(sorted(BACKBONES))}")
+        for name in ("loss_args", "miner_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise UserError(f"{name} must be a mapping of argument: value")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -105,6 +144,7 @@ class StepInfo:
     steps: int
     loss: float
     images_per_s: float
+    lr: float = 0.0  #: learning rate of the step
 
 
 ProgressFn = Callable[[StepInfo], None]
@@ -117,7 +157,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def channel_stats(dataset: ImageDataset, max_images: int = 2000, seed: int = 0) -> tuple[list, list]:
+def channel_stats(
+    dataset: ImageDataset, max_images: int = 2000, seed: int = 0
+) -> tuple[list, list]:
     """Per-channel mean and std of the raw pixels (scaled to [0, 1]) on a sample of images."""
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(dataset), size=min(max_images, len(dataset)), replace=False)
@@ -157,10 +199,49 @@ def load_training_data(cfg: TrainConfig) -> ImageDataset:
     return dataset
 
 
+def _sampler_state(sampler: MPerClassSampler) -> list[int]:
+    """The sampler's class order (PML shuffles it in place, drawing from NumPy's global RNG)."""
+    return [int(c) for c in sampler.labels]
+
+
+def _restore_sampler(sampler: MPerClassSampler, order: list[int]) -> None:
+    by_int = {int(c): c for c in sampler.labels}
+    if sorted(by_int) != sorted(order):
+        raise UserError("the checkpoint's sampler does not match the training classes")
+    sampler.labels = [by_int[c] for c in order]
+
+
+def _resume_state(run: Path, cfg: TrainConfig) -> dict:
+    """The training state of ``run/last.pt``, checked against ``cfg``."""
+    state = load_checkpoint(run / "last.pt")
+    if "optimizer" not in state or "train_config" not in state:
+        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
+    saved = dict(state["train_config"])
+    current = asdict(cfg)
+    changed = sorted(k for k in current if k not in RESUME_OVERRIDABLE + ("out",)
+                     and saved.get(k) != current[k])
+    if changed:
+        raise UserError(f"cannot resume {run} with a different {', '.join(changed)} "
+                        f"(only {', '.join(RESUME_OVERRIDABLE)} may change)")
+    return state
+
+
+def load_run_config(run: str | Path) -> TrainConfig:
+    """The configuration a run was started with (from its ``last.pt``), for ``--resume``."""
+    run = Path(run)
+    if not (run / "last.pt").is_file():
+        raise UserError(f"{run} has no last.pt checkpoint to resume from")
+    state = load_checkpoint(run / "last.pt")
+    if "train_config" not in state:
+        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
+    return TrainConfig.from_dict(dict(state["train_config"]) | {"out": str(run)})
+
+
 def train(
     cfg: TrainConfig,
     on_step: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train a model as configured; returns the summary of the best epoch.
 
@@ -168,16 +249,26 @@ def train(
         cfg: the configuration.
         on_step: called after every optimisation step (progress bars).
         on_epoch: called after every epoch with its metrics.
+        resume: continue the run in ``cfg.out`` from its ``last.pt`` (same configuration, except
+            ``RESUME_OVERRIDABLE``) instead of starting afresh.
+
+    Returns:
+        ``run``, ``best_checkpoint``, ``epochs_run`` (last epoch trained), ``stopped_early`` and
+        the best epoch's record (``epoch``, ``loss``, validation metrics...).
     """
     cfg.validate()
+    run = Path(cfg.out)
+    saved = _resume_state(run, cfg) if resume else None
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
 
     full = load_training_data(cfg)
     train_set, val_set = split_train_val(full, cfg.val_fraction, cfg.seed)
-    mean, std = channel_stats(train_set, seed=cfg.seed)
+    if cfg.pretrained is not None:
+        mean, std = input_norm(cfg.arch)  # what the pretrained weights expect
+    else:
+        mean, std = channel_stats(train_set, seed=cfg.seed)
     train_set = train_set.with_transform(train_transform(cfg.image_size, mean, std, cfg.augment))
     if val_set is not None:
         val_set = val_set.with_transform(eval_transform(cfg.image_size, mean, std))
@@ -190,7 +281,14 @@ def train(
             f"the data has {n_classes}; lower batch_size or raise m_per_class"
         )
 
-    model = build_model(cfg.arch, cfg.embedding_dim, cfg.embedding).to(device)
+    weights = None
+    if cfg.pretrained is not None and saved is None:
+        weights = load_pretrained(cfg.arch, cfg.pretrained)
+    try:
+        model = build_model(cfg.arch, cfg.embedding_dim, cfg.embedding, stem=cfg.stem,
+                            image_size=cfg.image_size, weights=weights).to(device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     model_config = {
         "arch": cfg.arch,
         "head_dim": cfg.embedding_dim,
@@ -199,49 +297,86 @@ def train(
         "image_size": cfg.image_size,
         "mean": mean,
         "std": std,
+        "stem": cfg.stem,
     }
-    loss_fn = pml_losses.TripletMarginLoss(margin=cfg.margin)
-    miner = pml_miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective = build_objective(
+        cfg.loss, cfg.miner, margin=cfg.margin, loss_args=cfg.loss_args,
+        miner_args=cfg.miner_args, num_classes=int(labels.max()) + 1,
+        embedding_size=cfg.embedding_dim,
+    ).to(device)
+    params = list(model.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     steps = len(train_set) // cfg.batch_size
     if steps == 0:
-        raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+        raise UserError(
+            f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}"
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
+    )
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     sampler = MPerClassSampler(labels, m, batch_size=cfg.batch_size,
                                length_before_new_iter=steps * cfg.batch_size)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
-    resolved = asdict(cfg) | {"mean": mean, "std": std, "device": str(device)}
+    resolved = asdict(cfg) | {"mean": mean, "std": std, "device": str(device),
+                              "miner": objective.miner_name}
     write_text(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     class_names = full.class_names
     log_path = run / "metrics.jsonl"
-    log_path.unlink(missing_ok=True)
+    records: list[dict] = []
     best: dict = {}
+    bad_epochs, first_epoch, stopped_early = 0, 1, False
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        objective.load_state_dict(saved["loss"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        _restore_sampler(sampler, saved["sampler"])
+        rng_state.restore(saved["rng"])
+        records = [dict(r) for r in saved["history"]]
+        best, bad_epochs = dict(saved["best"]), int(saved["bad_epochs"])
+        first_epoch = int(saved["epoch"]) + 1
+        logger.info("resuming %s at epoch %d", run, first_epoch)
+    write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
-        t0, seen, total = time.perf_counter(), 0, 0.0
+        objective.train()
+        t0, seen, total, lr = time.perf_counter(), 0, 0.0, optimizer.param_groups[0]["lr"]
         for step, (images, targets) in enumerate(loader, start=1):
             images, targets = images.to(device, non_blocking=True), targets.to(device)
-            emb = model.head_embedding(images)  # (batch, embedding_dim): what the loss sees
-            loss = loss_fn(emb, targets, miner(emb, targets))
-            if not torch.isfinite(loss):
+            with torch.autocast(device.type, enabled=use_amp):
+                emb = model.head_embedding(images)  # (batch, embedding_dim): what the loss sees
+            loss = objective(emb.float(), targets)
+            value = loss.item()
+            if not math.isfinite(value):
                 raise UserError(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower the "
+                    f"the loss became {value} at epoch {epoch}, step {step}; lower the "
                     f"learning rate (now {cfg.lr}). The last good checkpoint is kept in {run}."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
             seen += len(images)
-            total += loss.item()
+            total += value
             if on_step is not None:
-                on_step(StepInfo(epoch, step, steps, loss.item(),
-                                 seen / max(time.perf_counter() - t0, 1e-9)))
-        record = {
+                on_step(StepInfo(epoch, step, steps, value,
+                                 seen / max(time.perf_counter() - t0, 1e-9), lr))
+        record: dict[str, Any] = {
             "epoch": epoch,
             "loss": total / steps,
+            "lr": lr,  # of the epoch's last step
             "images_per_s": seen / (time.perf_counter() - t0),
         }
         if val_set is not None:
@@ -249,15 +384,51 @@ def train(
             scores = evaluate_embeddings(val_emb, val_set.labels, ks=(1,))
             record["val_recall@1"] = scores["recall@1"]
             record["val_map@r"] = scores["map@r"]
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            record.update(_collapse_check(val_emb, epoch, cfg.seed))
+        records.append(record)
+        write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        score = record.get("val_map@r", -record["loss"])
+        improved = not best or score > best["score"] or math.isnan(best["score"])
+        if improved:
+            best, bad_epochs = {"score": score, **record}, 0
+        else:
+            bad_epochs += 1
+        stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
         entries = {"config": resolved, "class_names": class_names, "epoch": epoch,
                    "metrics": record}
-        save_checkpoint(run / "last.pt", model, model_config, **entries)
-        score = record.get("val_map@r", -record["loss"])
-        if not best or score > best["score"] or math.isnan(best["score"]):
-            best = {"score": score, **record}
+        # best.pt before last.pt: a crash in between resumes from the previous epoch, whose
+        # last.pt still holds the best score it knew
+        if improved:
             save_checkpoint(run / "best.pt", model, model_config, **entries)
+        save_checkpoint(
+            run / "last.pt", model, model_config, **entries,
+            train_config=asdict(cfg), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+            loss=objective.state_dict(), rng=rng_state.capture(), sampler=_sampler_state(sampler),
+            history=records, best=best, bad_epochs=bad_epochs,
+        )
         if on_epoch is not None:
             on_epoch(record)
-    return {"run": str(run), "best_checkpoint": str(run / "best.pt"), **best}
+        if stopped_early:
+            logger.info("early stop at epoch %d: no better val MAP@R for %d epochs",
+                        epoch, cfg.patience)
+            break
+    if records:
+        training_curves(records, run / "curves.png")
+    epochs_run = records[-1]["epoch"] if records else 0
+    return {"run": str(run), "best_checkpoint": str(run / "best.pt"), "epochs_run": epochs_run,
+            "stopped_early": stopped_early, **best}
+
+
+def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:
+    """Mean pairwise cosine of (a sample of) the validation embeddings; warns on a collapse."""
+    pick = np.random.default_rng(seed).permutation(len(embeddings))[:COLLAPSE_SAMPLE]
+    cos = pair_cosine(torch.from_numpy(embeddings[np.sort(pick)]))
+    out: dict[str, Any] = {"val_mean_cosine": cos}
+    if cos > COLLAPSE_COSINE:
+        out["collapsed"] = True
+        logger.warning(
+            "epoch %d: the validation embeddings have collapsed (mean pairwise cosine %.4f > "
+            "%.2f): they are nearly identical; lower the learning rate or change the loss",
+            epoch, cos, COLLAPSE_COSINE)
+    return out
