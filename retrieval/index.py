@@ -26,6 +26,11 @@ families that differ in how ids and removal work:
   every search with an ``IDSelector``; once tombstones exceed :data:`HNSW_COMPACT_FRACTION` of
   the graph it is rebuilt from the remaining vectors.
 
+A gallery too large to embed or hold at once is built from parts (:class:`GalleryPart`, e.g. the
+shards of ``retrieval embed --shards``, :mod:`retrieval.shards`) with
+:meth:`GalleryIndex.build_in_parts`: one training sample, then for IVF one index per part sharing
+the trained coarse quantizer, whose inverted lists are merged.
+
 Scores: for ``cosine`` the inner product of unit vectors (higher is closer); for ``l2`` the
 Euclidean distance (lower is closer). Approximate index types return approximate scores.
 """
@@ -81,6 +86,9 @@ VECTORS_PER_LIST = 39
 HNSW_COMPACT_FRACTION = 0.25
 #: Bytes FAISS stores per vector id in inverted lists and id maps.
 ID_BYTES = 8
+#: :meth:`GalleryIndex.build_in_parts` reads and adds at most this many vectors at a time
+#: (32 MB of 128-d float32), so a gallery held in memory-mapped parts is never loaded whole.
+ADD_BLOCK = 65_536
 
 FAMILIES = ("flat", "ivf", "hnsw")
 
@@ -323,6 +331,16 @@ def _faiss_search(
     return search(xq, k, params=params)
 
 
+def training_positions(n: int, seed: int) -> np.ndarray | None:
+    """Sorted positions of the seeded training sample of a gallery of ``n`` vectors, or
+    ``None`` when all ``n <= MAX_TRAINING_VECTORS`` are used. A gallery built in parts
+    (:meth:`GalleryIndex.build_in_parts`) trains on the same sample as one built in one go."""
+    if n <= MAX_TRAINING_VECTORS:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, MAX_TRAINING_VECTORS, replace=False))
+
+
 def _train(index: faiss.Index, xb: np.ndarray, seed: int) -> None:
     """Train IVF / PQ / OPQ / SQ on a seeded sample of at most MAX_TRAINING_VECTORS."""
     if index.is_trained:
@@ -334,9 +352,9 @@ def _train(index: faiss.Index, xb: np.ndarray, seed: int) -> None:
             f"(better {VECTORS_PER_LIST * ivf.nlist}); the gallery has {len(xb)}. Use fewer "
             "lists, Flat, or --index auto"
         )
-    rng = np.random.default_rng(seed)
-    if len(xb) > MAX_TRAINING_VECTORS:
-        xb = xb[np.sort(rng.choice(len(xb), MAX_TRAINING_VECTORS, replace=False))]
+    positions = training_positions(len(xb), seed)
+    if positions is not None:
+        xb = xb[positions]
     logger.info("training the index on %d vectors", len(xb))
     try:
         index.train(xb)
@@ -418,6 +436,21 @@ class Manifest:
     checksums: dict = field(default_factory=dict)
     index_type: str = DEFAULT_INDEX_TYPE
     updated: float = field(default_factory=time.time)
+
+
+@dataclass
+class GalleryPart:
+    """A contiguous slice of a gallery, e.g. one rank's shard of ``retrieval embed --shards``.
+
+    Args:
+        xb: vectors ``(n, dim)``; may be memory-mapped (``np.load(..., mmap_mode="r")``).
+        refs: a reference per vector.
+        labels: a label (index into the class names) per vector, ``(n,)``.
+    """
+
+    xb: np.ndarray
+    refs: Sequence[str]
+    labels: np.ndarray
 
 
 @dataclass
@@ -538,6 +571,89 @@ class GalleryIndex:
         out._add_normalized(xb, refs, labels)
         return out
 
+    @classmethod
+    def build_in_parts(
+        cls,
+        parts: Sequence[GalleryPart],
+        class_names: Sequence[str],
+        metric: str = "cosine",
+        model_sha256: str = "",
+        model_path: str = "",
+        preprocessing: dict | None = None,
+        index_type: str = DEFAULT_INDEX_TYPE,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        seed: int = 0,
+    ) -> GalleryIndex:
+        """The index :meth:`build` makes of the parts' vectors concatenated, built part by part.
+
+        Item ids run ``0 .. n-1`` across the parts in order. The index is trained once, on the
+        sample :meth:`build` would draw (:func:`training_positions`, gathered from the parts).
+        For IVF types every part is then added to its own copy of the trained index — the parts
+        share one coarse quantizer — and its inverted lists are appended to the result's
+        (``IndexIVF.merge_from``), so the lists hold the same entries in the same order as an
+        index built in one go, and search returns the same results. Other types add the parts
+        to one index. Vectors are read :data:`ADD_BLOCK` at a time: besides the index itself,
+        memory holds one block and the training sample, never the whole gallery.
+
+        Raises:
+            UserError: no vectors, or parts of different dimensions.
+        """
+        _check_metric(metric)
+        n = sum(len(p.xb) for p in parts)
+        if n == 0:
+            raise UserError("cannot build an index of an empty gallery")
+        dims = sorted({p.xb.shape[1] for p in parts if p.xb.ndim == 2})
+        if len(dims) != 1 or any(p.xb.ndim != 2 for p in parts):
+            raise UserError(f"the parts hold vectors of different shapes (dimensions {dims})")
+        for p in parts:
+            if not (len(p.xb) == len(p.refs) == len(p.labels)):
+                raise ValueError("each part's xb, refs and labels must have the same length")
+        dim = dims[0]
+        if index_type == "auto":
+            index_type = choose_index_type(n, dim, memory_budget)
+            logger.info("index type for %d vectors: %s", n, index_type)
+
+        def prepare(x: np.ndarray) -> np.ndarray:
+            return normalize(x) if metric == "cosine" else as_faiss(x)
+
+        index = make_index(index_type, dim, metric)
+        if not index.is_trained:
+            positions = training_positions(n, seed)
+            if positions is None:
+                sample = np.concatenate([prepare(p.xb[:]) for p in parts])
+            else:
+                starts = np.cumsum([0] + [len(p.xb) for p in parts])
+                sample = np.concatenate(
+                    [
+                        prepare(p.xb[positions[(positions >= a) & (positions < b)] - a])
+                        for p, a, b in zip(parts, starts[:-1], starts[1:], strict=True)
+                    ]
+                )
+            _train(index, sample, seed)
+            del sample
+        manifest = Manifest(
+            metric=metric,
+            dim=dim,
+            count=0,
+            model_sha256=model_sha256,
+            model_path=model_path,
+            preprocessing=dict(preprocessing or {}),
+            index_type=index_type,
+        )
+        out = cls(index, [], class_names, manifest, next_id=0)
+        empty = faiss.clone_index(index) if out.family == "ivf" else None
+        for part in parts:
+            target = out.index if empty is None else faiss.clone_index(empty)
+            for a in range(0, len(part.xb), ADD_BLOCK):
+                b = min(a + ADD_BLOCK, len(part.xb))
+                out._add_normalized(
+                    prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target
+                )
+            if empty is not None:
+                out.index.merge_from(target, 0)  # shared quantizer: lists are appended
+                logger.info("merged the inverted lists of %d vectors", target.ntotal)
+        return out
+
     # ---------------------------------------------------------------------------- changes
 
     def label_id(self, name: str) -> int:
@@ -560,12 +676,15 @@ class GalleryIndex:
             xb = normalize(xb)
         return self._add_normalized(xb, refs, labels)
 
-    def _add_normalized(self, xb: np.ndarray, refs: Sequence[str], labels) -> np.ndarray:
+    def _add_normalized(
+        self, xb: np.ndarray, refs: Sequence[str], labels, into: faiss.Index | None = None
+    ) -> np.ndarray:
+        """Add prepared vectors under new ids, to ``into`` (default: this index)."""
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
-        self.index.add_with_ids(xb, ids)
+        (self.index if into is None else into).add_with_ids(xb, ids)
         now = time.time()
         for i, r, y in zip(ids, refs, labels, strict=True):
             self.items[int(i)] = Item(int(i), str(r), int(y), now)
