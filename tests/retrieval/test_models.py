@@ -27,8 +27,29 @@ def test_outputs_are_unit_vectors_of_the_announced_size(arch, size, embedding):
         assert model.output_dim == 64
         torch.testing.assert_close(out, head)
     else:
-        assert model.output_dim == BACKBONES[arch]()[1]
+        assert model.output_dim == BACKBONES[arch]("small", size, None)[1]
         torch.testing.assert_close(out, torch.nn.functional.normalize(model.backbone(x), dim=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(set(BACKBONES) - {"small", "resnet18"}))
+def test_every_backbone_embeds_small_images(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 16, "features", image_size=32).train()  # batch-norm on the batch
+    with torch.no_grad():
+        out = model(torch.randn(4, 3, 32, 32))
+        head = model.head_embedding(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, model.output_dim) and head.shape == (4, 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+def test_imagenet_stem_keeps_the_torchvision_stem():
+    small = build_model("mobilenet_v3_small", 8, stem="small")
+    imagenet = build_model("mobilenet_v3_small", 8, stem="imagenet")
+    assert small.backbone.features[0][0].stride == (1, 1)
+    assert imagenet.backbone.features[0][0].stride == (2, 2)
+    with pytest.raises(ValueError, match="stem must be"):
+        build_model("small", 8, stem="tiny")
 
 
 def test_bad_arguments():
