@@ -101,7 +101,8 @@ def _pair(size) -> tuple[int, int]:
 
 def with_fixed_pooling(model: nn.Module, image_size: int) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose ``AdaptiveAvgPool2d`` layers are
-    :class:`FixedAdaptiveAvgPool2d` for inputs of ``image_size`` pixels."""
+    :class:`FixedAdaptiveAvgPool2d` for inputs of ``image_size`` pixels (found by running it
+    once; layers the forward pass does not use are left as they are)."""
     model = copy.deepcopy(model).eval()
     pools = {name: m for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
     sizes: dict[str, tuple[int, int]] = {}
@@ -116,9 +117,11 @@ def with_fixed_pooling(model: nn.Module, image_size: int) -> nn.Module:
     for h in hooks:
         h.remove()
     for name, pool in pools.items():
-        out_size = _pair(pool.output_size)
-        if name not in sizes or None in out_size:
-            raise UserError(f"cannot export the pooling layer {name!r} of this model")
+        if name not in sizes:  # defined but not used by forward
+            continue
+        out_size = tuple(
+            i if o is None else o for i, o in zip(sizes[name], _pair(pool.output_size), strict=True)
+        )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FixedAdaptiveAvgPool2d(sizes[name], out_size))
@@ -178,13 +181,25 @@ def export_onnx(
     return path
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike, card: dict | None = None) -> Path:
+def export_torchscript(
+    model: nn.Module, image_size: int, path: str | os.PathLike, card: dict | None = None
+) -> Path:
     """Write ``torch.jit.script(model)`` to ``path`` (``card`` also inside, as
-    ``extra/model_card.json``), and ``card`` beside it."""
+    ``extra/model_card.json``), and ``card`` beside it.
+
+    A model TorchScript cannot compile (third-party backbones such as EfficientNet-Lite's) is
+    traced on a batch of ``image_size`` images instead: the result then expects that size.
+    """
     path = Path(path)
+    model = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-        scripted = torch.jit.script(copy.deepcopy(model).eval())
+        try:
+            scripted = torch.jit.script(model)
+        except (RuntimeError, torch.jit.frontend.FrontendError) as exc:
+            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "?"
+            logger.warning("cannot script the model (%s); tracing it at %d px", reason, image_size)
+            scripted = torch.jit.trace(model, torch.zeros(2, 3, image_size, image_size))
         extra = {"model_card.json": json.dumps(card or {})}
         with atomic_path(path) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files=extra)
