@@ -756,7 +756,7 @@ def export_cmd(
         written.append(("onnx", export_onnx(net, size, onnx, model_card(state, digest, "onnx"))))
     if torchscript is not None:
         written.append(("torchscript", export_torchscript(
-            net, torchscript, model_card(state, digest, "torchscript"))))
+            net, size, torchscript, model_card(state, digest, "torchscript"))))
     for fmt, path in written:
         note = ""
         if check:
