@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
-from retrieval.errors import UserError
-from retrieval.train import TrainConfig, channel_stats, train
 from data.datasets import open_source
+from retrieval.errors import UserError
+from retrieval.objectives import NAMED_LOSSES, TRAINING_LOSSES, Objective
+from retrieval.train import TrainConfig, channel_stats, train
+from tests.conftest import run_cli
 
 
 def _cfg(digits_folder, out, **kw) -> TrainConfig:
@@ -41,18 +45,15 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 ):
     cfg = _cfg(digits_folder, tmp_path / "run", epochs=2)
     calls = {"n": 0}
-    import retrieval.train as train_module
+    real = Objective.forward
 
-    real = train_module.pml_losses.TripletMarginLoss
+    def exploding(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(self, *args, **kwargs)
+        steps_per_epoch = 160 // 40  # 200 images of 5 classes, 20% held out
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss
 
-    class Exploding(real):
-        def forward(self, *args, **kwargs):
-            calls["n"] += 1
-            loss = super().forward(*args, **kwargs)
-            steps_per_epoch = 160 // 40  # 200 images of 5 classes, 20% held out
-            return loss * float("nan") if calls["n"] > steps_per_epoch else loss
-
-    monkeypatch.setattr(train_module.pml_losses, "TripletMarginLoss", Exploding)
+    monkeypatch.setattr(Objective, "forward", exploding)
     with pytest.raises(UserError, match="loss became nan at epoch 2"):
         train(cfg)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -60,6 +61,101 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+@pytest.mark.parametrize("loss", NAMED_LOSSES)
+def test_every_named_loss_trains_from_the_command_line(loss, digits_folder, tmp_path, capsys):
+    run = tmp_path / loss
+    code, out, err = run_cli(["train", "--data", digits_folder, "--classes", "0-4", "--loss", loss,
+                              "--epochs", "1", "--batch-size", "40", "--m-per-class", "8",
+                              "--image-size", "12", "--val-fraction", "0.2", "--device", "cpu",
+                              "--out", run], capsys)
+    assert code == 0, err
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["train_config"]["loss"] == loss
+    assert all(torch.isfinite(torch.tensor(state["metrics"]["loss"])).reshape(-1))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["miner"] == TRAINING_LOSSES[loss].default_miner
+    if loss == "arcface":  # the class weights are trained and saved
+        assert state["loss"]["loss.pml.W"].shape == (128, 5)
+        last = state["optimizer"]["param_groups"][0]["params"][-1]
+        assert state["optimizer"]["state"][last]["exp_avg"].shape == (128, 5)
+    assert (run / "curves.png").is_file()
+
+
+def test_a_miner_that_does_not_fit_is_refused_on_the_command_line(digits_folder, tmp_path, capsys):
+    code, _, err = run_cli(["train", "--data", digits_folder, "--loss", "contrastive",
+                            "--miner", "semi-hard", "--out", tmp_path / "x"], capsys)
+    assert code == 2
+    assert "miners that fit: all, pair-margin, multi-similarity" in " ".join(err.split())
+
+
+def test_yaml_defaults_command_line_overrides_and_the_resolved_config(digits_folder, tmp_path,
+                                                                      capsys):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "data": str(digits_folder), "classes": "0-4", "loss": "triplet", "epochs": 5,
+        "batch_size": 40, "m_per_class": 8, "image_size": 12, "val_fraction": 0.2,
+        "device": "cpu", "loss_args": {"margin": 0.3}}))
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", cfg_file, "--loss", "infonce", "--epochs", "1",
+                            "--loss-arg", "temperature=0.2", "--out", run], capsys)
+    assert code == 0, err
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["loss"] == "infonce" and resolved["epochs"] == 1
+    assert resolved["loss_args"] == {"temperature": 0.2}  # the command line replaces the mapping
+    assert resolved["batch_size"] == 40
+
+
+def test_resume_continues_exactly_where_it_stopped(digits_folder, tmp_path):
+    whole = train(_cfg(digits_folder, tmp_path / "whole", epochs=3, loss="arcface",
+                       schedule="cosine", warmup_epochs=0.5, grad_clip=1.0))
+    train(_cfg(digits_folder, tmp_path / "cut", epochs=1, loss="arcface",
+               schedule="cosine", warmup_epochs=0.5, grad_clip=1.0))
+    # the run was configured for 3 epochs: only the epoch count (not the schedule) differs
+    cfg = _cfg(digits_folder, tmp_path / "cut", epochs=3, loss="arcface", schedule="cosine",
+               warmup_epochs=0.5, grad_clip=1.0)
+    first = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert first["epoch"] == 1
+    resumed = train(cfg, resume=True)
+    assert resumed["epochs_run"] == whole["epochs_run"] == 3
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_run(digits_folder, tmp_path):
+    train(_cfg(digits_folder, tmp_path / "run"))
+    with pytest.raises(UserError, match="different loss"):
+        train(_cfg(digits_folder, tmp_path / "run", loss="contrastive"), resume=True)
+    with pytest.raises(UserError, match="no last.pt"):
+        train(_cfg(digits_folder, tmp_path / "empty"), resume=True)
+
+
+def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monkeypatch):
+    import retrieval.train as train_module
+
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    real = train_module.evaluate_embeddings
+    monkeypatch.setattr(train_module, "evaluate_embeddings",
+                        lambda *a, **k: real(*a, **k) | {"map@r": next(scores)})
+    summary = train(_cfg(digits_folder, tmp_path / "run", epochs=5, patience=2,
+                         schedule="cosine", warmup_epochs=1.0))
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["epoch"] == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(3e-4)  # the last warm-up step reaches the peak
+    assert records[2]["lr"] < records[1]["lr"] < records[0]["lr"]  # then the cosine decays
+
+
+def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch, caplog):
+    import retrieval.train as train_module
+
+    monkeypatch.setattr(train_module, "embed_dataset",
+                        lambda model, ds, **k: np.ones((len(ds), 8), dtype=np.float32))
+    with caplog.at_level("WARNING", logger="retrieval.train"):
+        train(_cfg(digits_folder, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["collapsed"] is True and record["val_mean_cosine"] == pytest.approx(1.0)
+    assert "collapsed" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -71,6 +167,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
         ({"lr": 0.0}, "lr must be positive"),
         ({"embedding": "logits"}, "embedding must be one of"),
         ({"arch": "vgg"}, "unknown backbone"),
+        ({"loss": "focal"}, "loss must be one of"),
+        ({"miner": "hardest"}, "unknown miner"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"grad_clip": -1.0}, "grad_clip must not be negative"),
         ({"classes": "3"}, "at least two classes"),
         ({"val_fraction": 1.0}, "val_fraction"),
     ],
