@@ -127,7 +127,7 @@ def test_resume_refuses_a_different_run(digits_folder, tmp_path):
     train(_cfg(digits_folder, tmp_path / "run"))
     with pytest.raises(UserError, match="different loss"):
         train(_cfg(digits_folder, tmp_path / "run", loss="contrastive"), resume=True)
-    with pytest.raises(UserError, match="no last.pt"):
+    with pytest.raises(UserError, match="no such checkpoint file"):
         train(_cfg(digits_folder, tmp_path / "empty"), resume=True)
 
 
