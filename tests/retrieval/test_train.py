@@ -188,3 +188,15 @@ def test_channel_stats_match_numpy(digits_folder):
     want_std = pixels.std(dim=(0, 2, 3), unbiased=False)
     assert mean == pytest.approx(want_mean.tolist(), abs=1e-4)
     assert std == pytest.approx(want_std.tolist(), abs=1e-4)
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.stem for f in files} >= set(NAMED_LOSSES)
+    for f in files:
+        cfg = TrainConfig.from_dict(yaml.safe_load(f.read_text()))
+        cfg.validate()
+        assert cfg.loss == f.stem
