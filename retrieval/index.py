@@ -37,7 +37,6 @@ Euclidean distance (lower is closer). Approximate index types return approximate
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_dir
+from retrieval.atomic import atomic_dir, file_sha256
 from retrieval.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -164,14 +163,6 @@ def knn_leave_one_out(
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ index types
@@ -475,6 +466,15 @@ class Hit:
     ref: str
 
 
+
+def _new_manifest(metric: str, dim: int, index_type: str, model_sha256: str, model_path: str,
+                  preprocessing: dict | None) -> Manifest:
+    """The manifest of a new, still empty index."""
+    return Manifest(metric=metric, dim=dim, count=0, model_sha256=model_sha256,
+                    model_path=model_path, preprocessing=dict(preprocessing or {}),
+                    index_type=index_type)
+
+
 class GalleryIndex:
     """A FAISS index of gallery embeddings with stable ids and each item's metadata.
 
@@ -558,15 +558,7 @@ class GalleryIndex:
             logger.info("index type for %d vectors: %s", len(xb), index_type)
         index = make_index(index_type, dim, metric)
         _train(index, xb, seed)
-        manifest = Manifest(
-            metric=metric,
-            dim=dim,
-            count=0,
-            model_sha256=model_sha256,
-            model_path=model_path,
-            preprocessing=dict(preprocessing or {}),
-            index_type=index_type,
-        )
+        manifest = _new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
         out = cls(index, [], class_names, manifest, next_id=0)
         out._add_normalized(xb, refs, labels)
         return out
@@ -631,15 +623,7 @@ class GalleryIndex:
                 )
             _train(index, sample, seed)
             del sample
-        manifest = Manifest(
-            metric=metric,
-            dim=dim,
-            count=0,
-            model_sha256=model_sha256,
-            model_path=model_path,
-            preprocessing=dict(preprocessing or {}),
-            index_type=index_type,
-        )
+        manifest = _new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
         out = cls(index, [], class_names, manifest, next_id=0)
         empty = faiss.clone_index(index) if out.family == "ivf" else None
         for part in parts:
@@ -837,7 +821,7 @@ class GalleryIndex:
             self.manifest.format_version = FORMAT_VERSION
             self.manifest.updated = time.time()
             self.manifest.checksums = {
-                name: _sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)
+                name: file_sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)
             }
             (tmp / MANIFEST_FILE).write_text(
                 json.dumps(asdict(self.manifest), indent=2) + "\n", encoding="utf-8"
@@ -864,7 +848,7 @@ class GalleryIndex:
         directory = Path(directory)
         manifest = read_manifest(directory)
         for name, digest in manifest.checksums.items():
-            if not (directory / name).is_file() or _sha256(directory / name) != digest:
+            if not (directory / name).is_file() or file_sha256(directory / name) != digest:
                 raise UserError(
                     f"{directory / name} is missing or damaged (checksum mismatch); "
                     "rebuild the index with `retrieval index build`"

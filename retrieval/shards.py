@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data.datasets import ImageDataset
-from retrieval.atomic import write_json, write_npy
+from retrieval.atomic import file_sha256, write_json, write_npy
 from retrieval.embed import DEFAULT_BATCH_SIZE, embed_dataset
 from retrieval.errors import UserError
 from retrieval.index import DEFAULT_INDEX_TYPE, DEFAULT_MEMORY_BUDGET, GalleryIndex, GalleryPart
@@ -133,14 +133,6 @@ def gallery_fingerprint(refs: Sequence[str], labels: np.ndarray, class_names: Se
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def embed_shard(
     model: nn.Module,
     dataset: ImageDataset,
@@ -195,7 +187,7 @@ def embed_shard(
         "source": source,
         "dim": int(emb.shape[1]),
         "class_names": list(dataset.class_names),
-        "embeddings_sha256": _file_sha256(npy),
+        "embeddings_sha256": file_sha256(npy),
         "items": [{"ref": r, "label": int(y)} for r, y in zip(part.refs, part.labels, strict=True)],
     }
     out = stem.with_suffix(".json")
@@ -286,7 +278,7 @@ def read_shards(directory: str | os.PathLike, verify_checksums: bool = True) -> 
         ):
             raise UserError(f"{s.json_path} is damaged (its slice does not fit); embed again")
         if not s.npy_path.is_file() or (
-            verify_checksums and _file_sha256(s.npy_path) != s.meta["embeddings_sha256"]
+            verify_checksums and file_sha256(s.npy_path) != s.meta["embeddings_sha256"]
         ):
             raise UserError(f"{s.npy_path} is missing or damaged (checksum mismatch); embed again")
         if s.vectors().shape != (count, dim):
