@@ -21,18 +21,16 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from data import images
 from data.datasets import read_ref
 from data.errors import DataError
-from data.images import MAX_IMAGE_PIXELS
 from retrieval.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.embed import embed_images, pick_device
 from retrieval.errors import UserError
@@ -57,35 +55,14 @@ EMBED_BATCH = 64
 def decode_image(data: bytes, what: str = "the upload") -> tuple[torch.Tensor, str]:
     """Decode image bytes to a uint8 ``(3, H, W)`` RGB tensor and PIL's format name.
 
-    The same guards as :func:`data.images.open_image` for files: images above
-    :data:`data.images.MAX_IMAGE_PIXELS` are refused before decoding (decompression bombs).
+    The guards of :func:`data.images.decode_image` apply (decompression bombs, corrupt data).
 
     Raises:
         DataError: empty, not an image, corrupt or truncated, or too large.
     """
     if not data:
         raise DataError(f"{what} is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise DataError(
-                        f"{what} is {w}x{h} pixels, larger than the {MAX_IMAGE_PIXELS:,}-pixel "
-                        "limit; shrink the image first"
-                    )
-                fmt = img.format or "PNG"
-                img.load()
-                rgb = img.convert("RGB")
-    except DataError:
-        raise
-    except UnidentifiedImageError:
-        raise DataError(f"{what} is not an image (send a PNG, JPEG, WebP, GIF or BMP)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{what} is too large to decode safely; shrink it first") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{what} is a corrupt or truncated image ({exc})") from None
+    rgb, fmt = images.decode_image(io.BytesIO(data), what)
     return pil_to_tensor(rgb), fmt
 
 
