@@ -189,7 +189,8 @@ def _files_dataset(
         raise DataError(f"{source}: no images found")
     good, bad = _scan(paths, draft_size)
     if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        shown = "\n  ".join(bad[:20]) + more
         logger.warning("skipping %d unreadable image(s) in %s:\n  %s", len(bad), source, shown)
     if not good:
         raise DataError(f"{source}: none of the {len(paths)} images can be read")

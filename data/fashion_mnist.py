@@ -140,5 +140,7 @@ def load_fashion_mnist(
     images = read_idx(_find_file(folder, images_stem))
     labels = read_idx(_find_file(folder, labels_stem)).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"Fashion-MNIST {split}: {images.shape[0]} images, {labels.shape[0]} labels")
+        raise ValueError(
+            f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels"
+        )
     return images, labels

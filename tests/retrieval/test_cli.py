@@ -103,7 +103,7 @@ def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
     assert len(results) == 5
     assert results[0]["ref"] == str(query) and results[0]["score"] == pytest.approx(1, abs=1e-4)
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
-    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:], strict=False))
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = run_cli(["search", index, query, "--k", "3"], capsys)
     assert code == 0 and "similarity" in out and "digit3" in out
