@@ -701,7 +701,7 @@ def demo_cmd(
     """Train on Fashion-MNIST classes 0-4, then index, evaluate and search unseen classes 5-9."""
     from retrieval.demo import run_demo
 
-    with _progress() as bar:
+    with _progress(transient=True) as bar:  # the stage lines stay, the bar goes
         task = bar.add_task("demo", total=None, info="")
 
         def on_step(s: StepInfo) -> None:
