@@ -73,7 +73,11 @@ def training_curves(records: Sequence[dict], out: str | os.PathLike) -> None:
             ax2.plot(epochs, [r[key] for r in records], marker="o", label=key[4:])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation (seen classes)")
-    ax2.legend()
+    if ax2.get_lines():
+        ax2.legend()
+    else:  # trained without a validation split
+        ax2.text(0.5, 0.5, "no validation split", ha="center", va="center",
+                 transform=ax2.transAxes)
     fig.tight_layout()
     _save(fig, out)
 
