@@ -56,7 +56,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: no such checkpoint file (train one with `retrieval train`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: never do that for a file of unknown
+        # origin, it would run the code a pickle carries
+        raise UserError(
+            f"{path} is not a readable checkpoint: it is not a torch.save file, or it holds "
+            "objects other than tensors and plain values (refused for safety)"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
