@@ -17,7 +17,6 @@ A checkpoint is a ``torch.save`` dictionary of tensors and plain values only, so
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import zipfile
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from data.transforms import eval_transform
-from retrieval.atomic import atomic_path
+from retrieval.atomic import atomic_path, file_sha256  # noqa: F401 (re-exported)
 from retrieval.errors import UserError
 from retrieval.models import DEFAULT_BACKBONE_IMAGE_SIZE, EmbeddingNet, build_model
 
@@ -99,12 +98,3 @@ def preprocessing(state: dict):
     """The evaluation transform a checkpoint's model expects."""
     cfg = state["model_config"]
     return eval_transform(cfg["image_size"], cfg["mean"], cfg["std"])
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (identifies the exact model an index was built with)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
