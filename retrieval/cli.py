@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -29,13 +28,12 @@ from rich.progress import (
 from rich.table import Table
 
 from data.datasets import BUILTIN, ImageDataset, open_source, parse_classes, read_ref
-from data.errors import DataError
 from data.images import read_image
 from retrieval.atomic import write_json, write_npy
 from retrieval.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import USER_ERRORS, UserError
-from retrieval.evaluate import evaluate_embeddings, pixel_vectors
+from retrieval.evaluate import pixel_vectors
 from retrieval.index import METRICS, GalleryIndex, read_manifest
 from retrieval.metrics import DEFAULT_KS
 from retrieval.plots import Tile, neighbour_grid
@@ -79,7 +77,7 @@ def _embed_with_progress(model, dataset: ImageDataset, device, what: str,
                              on_batch=lambda n: bar.advance(task, n))
 
 
-def _open(spec: str, split: Optional[str], classes: Optional[str], data_root: Optional[Path],
+def _open(spec: str, split: str | None, classes: str | None, data_root: Path | None,
           image_size: int | None = None) -> ImageDataset:
     ds = open_source(spec, split=split, root=data_root, draft_size=image_size)
     return ds.filter_classes(parse_classes(classes))
@@ -106,7 +104,7 @@ def _metrics_table(rows: dict[str, dict], ks, title: str) -> Table:
     return table
 
 
-def _read_query(path: str) -> "object":
+def _read_query(path: str) -> object:
     if path.startswith(BUILTIN + ":"):
         return read_ref(path)
     return read_image(path)
@@ -133,59 +131,59 @@ def _expand_queries(images: list[str]) -> list[str]:
 
 @app.command("train")
 def train_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of defaults; "
+    config: Path | None = typer.Option(None, "--config", help="YAML file of defaults; "
                                           "command-line options override it."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Run folder to continue from "
+    resume: Path | None = typer.Option(None, "--resume", help="Run folder to continue from "
                                           "its last.pt (only --epochs, --device, --num-workers "
                                           "and --patience may change)."),
-    data: Optional[str] = typer.Option(None, help=f"Training source: {BUILTIN}[:train], a "
+    data: str | None = typer.Option(None, help=f"Training source: {BUILTIN}[:train], a "
                                        "folder of class sub-folders, or a CSV manifest."),
-    classes: Optional[str] = typer.Option(None, help="Seen classes to train on, e.g. 0-4 "
+    classes: str | None = typer.Option(None, help="Seen classes to train on, e.g. 0-4 "
                                           "('' = all). Default 0-4."),
-    data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
-    arch: Optional[str] = typer.Option(None, help="Backbone: small | resnet18 | resnet34 | "
+    data_root: str | None = typer.Option(None, help="Folder of the built-in dataset."),
+    arch: str | None = typer.Option(None, help="Backbone: small | resnet18 | resnet34 | "
                                        "resnet50 | mobilenet_v3_small | mobilenet_v3_large | "
                                        "efficientnet_b0 | convnext_tiny | efficientnet_lite0."),
-    stem: Optional[str] = typer.Option(None, help="small (28-64 px inputs, default) | imagenet."),
-    pretrained: Optional[str] = typer.Option(None, help="imagenet, or PATH of a "
+    stem: str | None = typer.Option(None, help="small (28-64 px inputs, default) | imagenet."),
+    pretrained: str | None = typer.Option(None, help="imagenet, or PATH of a "
                                              "torchvision-format state dict."),
-    loss: Optional[str] = typer.Option(None, help="Embedding loss: triplet (default), "
+    loss: str | None = typer.Option(None, help="Embedding loss: triplet (default), "
                                        "contrastive, cosine-embedding, hinge-embedding, arcface, "
                                        "infonce, multiple-negatives-ranking, supcon, ..."),
-    miner: Optional[str] = typer.Option(None, help="all | batch-hard | semi-hard | easy-hard | "
+    miner: str | None = typer.Option(None, help="all | batch-hard | semi-hard | easy-hard | "
                                         "triplet-margin | distance-weighted | pair-margin | "
                                         "multi-similarity (default: the loss's natural one)."),
-    loss_arg: Optional[list[str]] = typer.Option(None, "--loss-arg", help="Loss argument "
+    loss_arg: list[str] | None = typer.Option(None, "--loss-arg", help="Loss argument "
                                                  "KEY=VALUE (repeatable), e.g. margin=0.5."),
-    miner_arg: Optional[list[str]] = typer.Option(None, "--miner-arg", help="Miner argument "
+    miner_arg: list[str] | None = typer.Option(None, "--miner-arg", help="Miner argument "
                                                   "KEY=VALUE (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch (P x K)."),
-    m_per_class: Optional[int] = typer.Option(None, help="K: images per class in a batch."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate."),
-    schedule: Optional[str] = typer.Option(None, help="constant (default) | cosine."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up, epochs."),
-    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm (0 = off)."),
-    patience: Optional[int] = typer.Option(None, help="Early stop after this many epochs "
+    epochs: int | None = typer.Option(None, help="Training epochs."),
+    batch_size: int | None = typer.Option(None, help="Images per batch (P x K)."),
+    m_per_class: int | None = typer.Option(None, help="K: images per class in a batch."),
+    lr: float | None = typer.Option(None, help="Learning rate."),
+    schedule: str | None = typer.Option(None, help="constant (default) | cosine."),
+    warmup_epochs: float | None = typer.Option(None, help="Linear warm-up, epochs."),
+    grad_clip: float | None = typer.Option(None, help="Max gradient norm (0 = off)."),
+    patience: int | None = typer.Option(None, help="Early stop after this many epochs "
                                            "without a better val MAP@R (0 = off)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA "
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA "
                                        "(default on; never used on CPU)."),
-    margin: Optional[float] = typer.Option(None, help="Triplet margin (loss and semi-hard "
+    margin: float | None = typer.Option(None, help="Triplet margin (loss and semi-hard "
                                            "miner), distance units."),
-    embedding_dim: Optional[int] = typer.Option(None, help="Length of the embedding head."),
-    embedding: Optional[str] = typer.Option(None, help="What is indexed: head (the embedding "
+    embedding_dim: int | None = typer.Option(None, help="Length of the embedding head."),
+    embedding: str | None = typer.Option(None, help="What is indexed: head (the embedding "
                                             "head's output) or features (the backbone features "
                                             "under it; they transfer better to unseen classes)."),
-    image_size: Optional[int] = typer.Option(None, help="Input side, pixels."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+    image_size: int | None = typer.Option(None, help="Input side, pixels."),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment",
                                            help="Random resized crop and flip (default on)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of the seen classes' images "
+    val_fraction: float | None = typer.Option(None, help="Share of the seen classes' images "
                                                  "held out for model selection (default 0.1)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/train)."),
+    weight_decay: float | None = typer.Option(None, help="Adam weight decay."),
+    num_workers: int | None = typer.Option(None, help="DataLoader worker processes."),
+    seed: int | None = typer.Option(None, help="Random seed."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | mps."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/train)."),
 ) -> None:
     """Train an embedding network (default: triplet loss, semi-hard miner, P x K batches)."""
     overrides = {
@@ -265,15 +263,15 @@ def _key_values(items: list[str] | None, option: str) -> dict | None:
 def embed_cmd(
     source: str = typer.Argument(..., help=f"{BUILTIN}[:train|test], a folder or a CSV."),
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output .npy (ids go to "
+    out: Path | None = typer.Option(None, "--out", help="Output .npy (ids go to "
                                        "OUT.ids.json)."),
-    shards: Optional[Path] = typer.Option(None, "--shards", help="Instead of --out: write this "
+    shards: Path | None = typer.Option(None, "--shards", help="Instead of --out: write this "
                                           "process's shard of the gallery into this folder "
                                           "(one per process under torchrun; for `index build "
                                           "--from-shards`)."),
-    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
-    classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    split: str | None = typer.Option(None, help="Split (built-in or CSV split column)."),
+    classes: str | None = typer.Option(None, help="Keep these classes, e.g. 5-9."),
+    data_root: Path | None = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json, or with
@@ -317,24 +315,24 @@ _INDEX_HELP = ("FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF102
 
 @index_app.command("build")
 def index_build(
-    source: Optional[str] = typer.Argument(None, help=f"Gallery: {BUILTIN}[:split], a folder "
+    source: str | None = typer.Argument(None, help=f"Gallery: {BUILTIN}[:split], a folder "
                                            "or a CSV (or give --from-shards)."),
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) from `retrieval train`."),
     out: Path = typer.Option(..., "--out", help="Index folder to write."),
-    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Instead of SOURCE: "
+    from_shards: Path | None = typer.Option(None, "--from-shards", help="Instead of SOURCE: "
                                                "the folder of `retrieval embed --shards` "
                                                "(merged part by part; IVF lists are merged)."),
     metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
     index_type: str = typer.Option("Flat", "--index", help=_INDEX_HELP),
     memory_budget: str = typer.Option("2GB", "--memory-budget", help="Memory the index may "
                                       "use, for --index auto (e.g. 512MB, 4GB)."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists visited per "
+    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF lists visited per "
                                          "query by default (stored in the index)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="HNSW search "
+    ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW search "
                                             "depth by default (stored in the index)."),
-    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
-    classes: Optional[str] = typer.Option(None, help="Keep these classes, e.g. 5-9."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    split: str | None = typer.Option(None, help="Split (built-in or CSV split column)."),
+    classes: str | None = typer.Option(None, help="Keep these classes, e.g. 5-9."),
+    data_root: Path | None = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
@@ -376,10 +374,10 @@ def index_add(
     index_dir: Path = typer.Argument(..., help="Index folder from `retrieval index build`."),
     sources: list[str] = typer.Argument(..., help="Image files (labelled --label), folders of "
                                         "class sub-folders or CSV manifests (labelled by them)."),
-    label: Optional[str] = typer.Option(None, "--label", help="Class of the added images "
+    label: str | None = typer.Option(None, "--label", help="Class of the added images "
                                         "(default: their folder's class; 'unlabelled' for "
                                         "single files)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint; default: the one "
                                          "the index was built with (must be the same)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
@@ -450,13 +448,13 @@ def search_cmd(
     images: list[str] = typer.Argument(..., help="Query image files, folders, or built-in "
                                        "references such as fashion-mnist:test:0."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint; default: the one "
                                          "the index was built with."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a PNG grid of the results."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists to visit (IVF "
+    out: Path | None = typer.Option(None, "--out", help="Write a PNG grid of the results."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF lists to visit (IVF "
                                          "indexes)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth "
+    ef_search: int | None = typer.Option(None, "--ef-search", help="HNSW search depth "
                                             "(HNSW indexes)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading "
                               "it (large indexes)."),
@@ -505,15 +503,15 @@ def search_cmd(
 @app.command("serve")
 def serve_cmd(
     index_dir: Path = typer.Argument(..., help="Index folder from `retrieval index build`."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint; default: the one "
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint; default: the one "
                                          "the index was built with."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this "
                              "machine only."),
     port: int = typer.Option(8000, help="TCP port."),
-    token: Optional[str] = typer.Option(None, "--token", help="API token required by the "
+    token: str | None = typer.Option(None, "--token", help="API token required by the "
                                         "write endpoints (POST/DELETE /images); default: "
                                         "$RETRIEVAL_API_TOKEN, else none."),
-    uploads: Optional[Path] = typer.Option(None, "--uploads", help="Folder for added images "
+    uploads: Path | None = typer.Option(None, "--uploads", help="Folder for added images "
                                            "(default: INDEX_DIR-uploads beside the index)."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01,
                                         help="Largest upload accepted (413 above)."),
@@ -539,12 +537,12 @@ PROTOCOLS = ("auto", "leave-one-out", "query-gallery", "cross-domain")
 @app.command("evaluate")
 def evaluate_cmd(
     source: str = typer.Argument(f"{BUILTIN}:test", help="Evaluation images (the queries)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to evaluate."),
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint to evaluate."),
     pixels: bool = typer.Option(False, "--pixels", help="Evaluate raw pixels (a baseline)."),
-    classes: Optional[str] = typer.Option(None, help="Classes to evaluate on; default 5-9 for "
+    classes: str | None = typer.Option(None, help="Classes to evaluate on; default 5-9 for "
                                           "the built-in set (the unseen classes), else all. "
                                           "Filters the queries only with --gallery."),
-    split: Optional[str] = typer.Option(None, help="Split (built-in or CSV split column)."),
+    split: str | None = typer.Option(None, help="Split (built-in or CSV split column)."),
     ks: str = typer.Option(",".join(map(str, DEFAULT_KS)), help="k's of recall@k, precision@k "
                            "and MAP@k."),
     metric: str = typer.Option("cosine", help=f"{' | '.join(METRICS)}."),
@@ -552,19 +550,19 @@ def evaluate_cmd(
                                  "is_query, is_gallery) | cross-domain (needs --gallery) | auto "
                                  "(cross-domain with --gallery, query-gallery for a CSV with "
                                  "those columns, else leave-one-out)."),
-    gallery: Optional[str] = typer.Option(None, "--gallery", help="Gallery source for the "
+    gallery: str | None = typer.Option(None, "--gallery", help="Gallery source for the "
                                           "cross-domain protocol (classes matched by name)."),
-    gallery_split: Optional[str] = typer.Option(None, "--gallery-split",
+    gallery_split: str | None = typer.Option(None, "--gallery-split",
                                                 help="Split of the --gallery source."),
     clustering: bool = typer.Option(True, "--clustering/--no-clustering",
                                     help="NMI and AMI of k-means on the queries."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write a report folder: "
+    report: Path | None = typer.Option(None, "--report", help="Write a report folder: "
                                           "metrics.json, report.md, report.html, pictures."),
     map_method: str = typer.Option("pca", "--map", help="2-D map in the report: pca | tsne."),
     examples: int = typer.Option(8, "--examples", min=0, max=64,
                                  help="Example and worst queries drawn in the report."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder of the built-in dataset."),
+    data_root: Path | None = typer.Option(None, help="Folder of the built-in dataset."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
@@ -662,7 +660,7 @@ def evaluate_cmd(
 def compare_cmd(
     runs: list[Path] = typer.Argument(..., help="Runs: report folders (with metrics.json) "
                                       "or metrics JSON files (from --report or --json)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a folder with compare.md, "
+    out: Path | None = typer.Option(None, "--out", help="Write a folder with compare.md, "
                                        "a self-contained compare.html and recall.png."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -695,7 +693,7 @@ def compare_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the results."),
     epochs: int = typer.Option(2, help="Training epochs."),
-    data_root: Optional[str] = typer.Option(None, help="Folder of the built-in dataset."),
+    data_root: str | None = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Train on Fashion-MNIST classes 0-4, then index, evaluate and search unseen classes 5-9."""
@@ -728,9 +726,9 @@ def demo_cmd(
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) from `retrieval train`."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Write an ONNX model here "
+    onnx: Path | None = typer.Option(None, "--onnx", help="Write an ONNX model here "
                                         "(dynamic batch axis)."),
-    torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="Write a "
+    torchscript: Path | None = typer.Option(None, "--torchscript", help="Write a "
                                                "TorchScript model here."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run each exported model on a "
                                "random batch and compare with PyTorch (ONNX needs "
