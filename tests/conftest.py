@@ -34,6 +34,25 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+class NoCapture:
+    """Stands in for capsys where a fixture cannot have it and needs no output."""
+
+    @staticmethod
+    def readouterr() -> tuple[str, str]:
+        return "", ""
+
+
+def build_index(folder: Path, checkpoint: Path, out: Path, *extra: str) -> Path:
+    """Build an index folder through the command line; fail the test when it does not."""
+    code, _, err = run_cli(
+        ["index", "build", folder, "--model", checkpoint, "--out", out, "--device", "cpu", *extra],
+        NoCapture(),
+    )
+    if code != 0:
+        pytest.fail(f"retrieval index build failed ({code}): {err}")
+    return out
+
+
 def _digit_images(size: int, per_class: int | None = PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     rows, labels = [], []

@@ -18,7 +18,7 @@ import pytest
 
 from retrieval.search import SearchService
 from retrieval.server import create_app
-from tests.conftest import run_cli
+from tests.conftest import build_index
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,12 +37,6 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the [dev] extra")
 
 
-class _NoCapture:
-    @staticmethod
-    def readouterr():
-        return "", ""
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,21 +49,7 @@ def server_url(tmp_path, trained_run, digits_folder) -> Iterator[tuple[str, Sear
     import uvicorn
 
     index_dir = tmp_path / "index"
-    code, _, err = run_cli(
-        [
-            "index",
-            "build",
-            digits_folder,
-            "--model",
-            trained_run / "best.pt",
-            "--out",
-            index_dir,
-            "--device",
-            "cpu",
-        ],
-        _NoCapture(),
-    )
-    assert code == 0, err
+    build_index(digits_folder, trained_run / "best.pt", index_dir)
     service = SearchService(index_dir, device="cpu")
     port = _free_port()
     config = uvicorn.Config(

@@ -21,7 +21,7 @@ from retrieval.errors import UserError
 from retrieval.index import GalleryIndex
 from retrieval.search import SearchService, index_lock
 from retrieval.server import MAX_K, create_app
-from tests.conftest import run_cli
+from tests.conftest import build_index
 
 TOKEN = "s3cret-token"
 
@@ -30,30 +30,7 @@ TOKEN = "s3cret-token"
 def built_index(tmp_path_factory, trained_run, digits_folder) -> Path:
     """An exact index of the digits folder, built once through the command line."""
     out = tmp_path_factory.mktemp("server") / "index"
-    code, _, err = run_cli(
-        [
-            "index",
-            "build",
-            digits_folder,
-            "--model",
-            trained_run / "best.pt",
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        _NoCapture(),
-    )
-    assert code == 0, err
-    return out
-
-
-class _NoCapture:
-    """run_cli wants capsys; module fixtures cannot have it, and need no output."""
-
-    @staticmethod
-    def readouterr():
-        return "", ""
+    return build_index(digits_folder, trained_run / "best.pt", out)
 
 
 @pytest.fixture
