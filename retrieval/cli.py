@@ -31,6 +31,7 @@ from data.datasets import BUILTIN, ImageDataset, open_source, parse_classes, rea
 from data.images import read_image
 from retrieval.atomic import write_json, write_npy
 from retrieval.checkpoint import file_sha256, load_model, preprocessing
+from retrieval.distributed import rank_from_env
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import USER_ERRORS, UserError
 from retrieval.evaluate import pixel_vectors
@@ -158,7 +159,8 @@ def train_cmd(
     miner_arg: list[str] | None = typer.Option(None, "--miner-arg", help="Miner argument "
                                                   "KEY=VALUE (repeatable)."),
     epochs: int | None = typer.Option(None, help="Training epochs."),
-    batch_size: int | None = typer.Option(None, help="Images per batch (P x K)."),
+    batch_size: int | None = typer.Option(None, help="Images per batch (P x K), over all "
+                                             "processes under torchrun."),
     m_per_class: int | None = typer.Option(None, help="K: images per class in a batch."),
     lr: float | None = typer.Option(None, help="Learning rate."),
     schedule: str | None = typer.Option(None, help="constant (default) | cosine."),
@@ -185,7 +187,8 @@ def train_cmd(
     device: str | None = typer.Option(None, help="auto | cpu | cuda | mps."),
     out: str | None = typer.Option(None, "--out", help="Run folder (default runs/train)."),
 ) -> None:
-    """Train an embedding network (default: triplet loss, semi-hard miner, P x K batches)."""
+    """Train an embedding network (default: triplet loss, semi-hard miner, P x K batches);
+    `torchrun --nproc_per_node N -m retrieval train ...` trains one model on N processes."""
     overrides = {
         "data": data, "classes": classes, "data_root": data_root, "arch": arch, "stem": stem,
         "pretrained": pretrained, "loss": loss, "miner": miner,
@@ -222,6 +225,9 @@ def train_cmd(
         values.update(given)
         cfg = TrainConfig.from_dict(values)
 
+    if not rank_from_env().is_main:  # torchrun: rank 0 reports for all
+        train(cfg, resume=resume is not None)
+        return
     with _progress() as bar:
         tasks: list = []  # the bar appears with the first step, after the data has loaded
 
@@ -276,7 +282,8 @@ def embed_cmd(
 ) -> None:
     """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json, or with
     --shards one shard per process (`torchrun --nproc_per_node N -m retrieval embed ...`)."""
-    from retrieval.shards import embed_shard, process_group, rank_from_env, shard_range
+    from retrieval.distributed import process_group
+    from retrieval.shards import BACKEND, embed_shard, shard_range
 
     rank = rank_from_env()
     if (out is None) == (shards is None):
@@ -287,7 +294,7 @@ def embed_cmd(
     ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
     ds = ds.with_transform(preprocessing(state))
     if shards is not None:
-        with process_group(rank), _progress(transient=True) as bar:
+        with process_group(rank, BACKEND), _progress(transient=True) as bar:
             task = bar.add_task(f"embedding {source} (rank {rank.rank})",
                                 total=len(shard_range(len(ds), rank)), info="")
             path = embed_shard(net, ds, shards, rank, file_sha256(model),

@@ -25,13 +25,12 @@ are merged.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from torch import nn
 
 from data.datasets import ImageDataset
 from retrieval.atomic import file_sha256, write_json, write_npy
+from retrieval.distributed import Rank
 from retrieval.embed import DEFAULT_BATCH_SIZE, embed_dataset
 from retrieval.errors import UserError
 from retrieval.index import DEFAULT_INDEX_TYPE, DEFAULT_MEMORY_BUDGET, GalleryIndex, GalleryPart
@@ -53,61 +53,6 @@ VERSION = 1
 #: Backend of the process group (see the module docstring).
 BACKEND = "gloo"
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
-
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place among the processes embedding one gallery."""
-
-    rank: int = 0
-    world_size: int = 1
-
-
-def rank_from_env(env: Mapping[str, str] | None = None) -> Rank:
-    """``RANK`` and ``WORLD_SIZE`` as set by ``torchrun``; ``Rank(0, 1)`` when neither is set.
-
-    Raises:
-        UserError: only one of them set, not whole numbers, or ``rank`` outside
-            ``[0, world_size)``.
-    """
-    env = os.environ if env is None else env
-    raw = env.get("RANK"), env.get("WORLD_SIZE")
-    if raw == (None, None):
-        return Rank()
-    if None in raw:
-        raise UserError(
-            "set both RANK and WORLD_SIZE (torchrun does), or neither for a single process"
-        )
-    try:
-        rank, world_size = int(raw[0]), int(raw[1])
-    except ValueError:
-        raise UserError(
-            f"RANK={raw[0]!r} and WORLD_SIZE={raw[1]!r} must be whole numbers"
-        ) from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(
-            f"RANK must lie in [0, WORLD_SIZE); got RANK={rank}, WORLD_SIZE={world_size}"
-        )
-    return Rank(rank, world_size)
-
-
-@contextlib.contextmanager
-def process_group(rank: Rank) -> Iterator[None]:
-    """Join the ``torch.distributed`` process group for the duration (nothing for one process).
-
-    Reads ``MASTER_ADDR``/``MASTER_PORT`` from the environment (``torchrun`` sets them).
-    """
-    if rank.world_size == 1 or dist.is_initialized():
-        yield
-        return
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise UserError(f"{name} is not set: start the processes with torchrun, or set it")
-    dist.init_process_group(BACKEND, rank=rank.rank, world_size=rank.world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def shard_range(total: int, rank: Rank) -> range:
@@ -147,9 +92,10 @@ def embed_shard(
 ) -> Path:
     """Embed this rank's slice of ``dataset`` and write its shard; returns the JSON path.
 
-    Call inside :func:`process_group` when ``rank.world_size > 1``: the ranks first compare
-    gallery fingerprints (a folder that changed between the ranks' listings would make their
-    slices overlap or miss images), and wait for each other once their shards are written.
+    Call inside :func:`retrieval.distributed.process_group` when ``rank.world_size > 1``: the
+    ranks first compare gallery fingerprints (a folder that changed between the ranks' listings
+    would make their slices overlap or miss images), and wait for each other once their shards
+    are written.
 
     Raises:
         UserError: the ranks see different galleries.

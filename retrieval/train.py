@@ -12,6 +12,10 @@ classes used for the final evaluation are never looked at during training.
 The loss and its miner come from :mod:`retrieval.objectives`; the backbone from
 :mod:`retrieval.models`, its pretrained weights from :mod:`retrieval.pretrained`; the learning
 rate follows :mod:`retrieval.schedule`.
+
+Under ``torchrun --nproc_per_node N -m retrieval train ...`` the N processes train one model
+together (:mod:`retrieval.distributed`): ``batch_size`` stays the global batch, miners and losses
+see all of it, and only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from pytorch_metric_learning.samplers import MPerClassSampler
 from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data.datasets import ImageDataset, open_source, parse_classes
@@ -38,6 +45,21 @@ from data.transforms import DEFAULT_IMAGE_SIZE, eval_transform, train_transform
 from retrieval import rng as rng_state
 from retrieval.atomic import write_text
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
+from retrieval.distributed import (
+    HeadEmbedding,
+    Rank,
+    ShardedBatchSampler,
+    backend_for,
+    broadcast,
+    broadcast_module,
+    gather_batch,
+    gather_objects,
+    process_group,
+    rank_device,
+    rank_from_env,
+    shared_randomness,
+    sync_loss_gradients,
+)
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import UserError
 from retrieval.evaluate import evaluate_embeddings
@@ -77,7 +99,7 @@ class TrainConfig:
     loss_args: dict = field(default_factory=dict)  #: keyword arguments of the loss
     miner_args: dict = field(default_factory=dict)  #: keyword arguments of the miner
     epochs: int = 3
-    batch_size: int = 128  #: images per batch (P classes x K images)
+    batch_size: int = 128  #: images per batch (P classes x K images), over all processes
     m_per_class: int = 32  #: K, images of each class in a batch
     lr: float = 3e-4  #: Adam learning rate (peak, with a schedule)
     weight_decay: float = 0.0  #: Adam weight decay
@@ -255,13 +277,38 @@ def train(
     Returns:
         ``run``, ``best_checkpoint``, ``epochs_run`` (last epoch trained), ``stopped_early`` and
         the best epoch's record (``epoch``, ``loss``, validation metrics...).
+
+    Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) every process calls this; they join a
+    process group (gloo on CPU, nccl on CUDA), each loads ``batch_size / WORLD_SIZE`` images of
+    every global batch, only rank 0 writes files and calls ``on_step`` / ``on_epoch``, and every
+    rank returns the summary.
     """
     cfg.validate()
+    rank = rank_from_env()
+    if cfg.batch_size % rank.world_size:
+        raise UserError(
+            f"batch_size ({cfg.batch_size}) is the global batch and must split evenly over the "
+            f"{rank.world_size} processes"
+        )
+    device = rank_device(pick_device(cfg.device), rank)
+    with process_group(rank, backend_for(device)):
+        return _train(cfg, rank, device, on_step, on_epoch, resume)
+
+
+def _train(
+    cfg: TrainConfig,
+    rank: Rank,
+    device: torch.device,
+    on_step: ProgressFn | None,
+    on_epoch: EpochFn | None,
+    resume: bool,
+) -> dict:
     run = Path(cfg.out)
     saved = _resume_state(run, cfg) if resume else None
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    run.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed + rank.rank)  # the ranks augment differently; DDP syncs the model
+    world, main = rank.world_size, rank.is_main
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
 
     full = load_training_data(cfg)
     train_set, val_set = split_train_val(full, cfg.val_fraction, cfg.seed)
@@ -289,6 +336,8 @@ def train(
                             image_size=cfg.image_size, weights=weights).to(device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
     model_config = {
         "arch": cfg.arch,
         "head_dim": cfg.embedding_dim,
@@ -304,6 +353,7 @@ def train(
         miner_args=cfg.miner_args, num_classes=int(labels.max()) + 1,
         embedding_size=cfg.embedding_dim,
     ).to(device)
+    broadcast_module(objective)  # rank 0's initial proxies / class weights everywhere
     params = list(model.parameters()) + list(objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -319,12 +369,15 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     sampler = MPerClassSampler(labels, m, batch_size=cfg.batch_size,
                                length_before_new_iter=steps * cfg.batch_size)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world,
+                        sampler=ShardedBatchSampler(sampler, cfg.batch_size, rank),
+                        drop_last=True, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
 
     resolved = asdict(cfg) | {"mean": mean, "std": std, "device": str(device),
-                              "miner": objective.miner_name}
-    write_text(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+                              "miner": objective.miner_name, "processes": world}
+    if main:
+        write_text(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     class_names = full.class_names
     log_path = run / "metrics.jsonl"
     records: list[dict] = []
@@ -337,30 +390,34 @@ def train(
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         _restore_sampler(sampler, saved["sampler"])
-        rng_state.restore(saved["rng"])
+        _restore_rng(saved, rank)
         records = [dict(r) for r in saved["history"]]
         best, bad_epochs = dict(saved["best"]), int(saved["bad_epochs"])
         first_epoch = int(saved["epoch"]) + 1
-        logger.info("resuming %s at epoch %d", run, first_epoch)
-    write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        if main:
+            logger.info("resuming %s at epoch %d", run, first_epoch)
+    if main:
+        write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    trainee: nn.Module = HeadEmbedding(model)  # forward = what the loss sees
+    if world > 1:
+        trainee = DistributedDataParallel(
+            trainee, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
+        trainee.train()
         objective.train()
         t0, seen, total, lr = time.perf_counter(), 0, 0.0, optimizer.param_groups[0]["lr"]
         for step, (images, targets) in enumerate(loader, start=1):
             images, targets = images.to(device, non_blocking=True), targets.to(device)
-            with torch.autocast(device.type, enabled=use_amp):
-                emb = model.head_embedding(images)  # (batch, embedding_dim): what the loss sees
-            loss = objective(emb.float(), targets)
-            value = loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            value = backward_step(trainee, objective, images, targets, scaler=scaler,
+                                  use_amp=use_amp, seed=_step_seed(cfg.seed, epoch, step))
             if not math.isfinite(value):
                 raise UserError(
                     f"the loss became {value} at epoch {epoch}, step {step}; lower the "
                     f"learning rate (now {cfg.lr}). The last good checkpoint is kept in {run}."
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -368,9 +425,9 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            seen += len(images)
+            seen += len(images) * world
             total += value
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(StepInfo(epoch, step, steps, value,
                                  seen / max(time.perf_counter() - t0, 1e-9), lr))
         record: dict[str, Any] = {
@@ -379,45 +436,101 @@ def train(
             "lr": lr,  # of the epoch's last step
             "images_per_s": seen / (time.perf_counter() - t0),
         }
-        if val_set is not None:
+        if main and val_set is not None:
             val_emb = embed_dataset(model, val_set, device=device)
             scores = evaluate_embeddings(val_emb, val_set.labels, ks=(1,))
             record["val_recall@1"] = scores["recall@1"]
             record["val_map@r"] = scores["map@r"]
             record.update(_collapse_check(val_emb, epoch, cfg.seed))
-        records.append(record)
-        write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        score = record.get("val_map@r", -record["loss"])
-        improved = not best or score > best["score"] or math.isnan(best["score"])
-        if improved:
-            best, bad_epochs = {"score": score, **record}, 0
-        else:
-            bad_epochs += 1
-        stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
-        entries = {"config": resolved, "class_names": class_names, "epoch": epoch,
-                   "metrics": record}
-        # best.pt before last.pt: a crash in between resumes from the previous epoch, whose
-        # last.pt still holds the best score it knew
-        if improved:
-            save_checkpoint(run / "best.pt", model, model_config, **entries)
-        save_checkpoint(
-            run / "last.pt", model, model_config, **entries,
-            train_config=asdict(cfg), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-            loss=objective.state_dict(), rng=rng_state.capture(), sampler=_sampler_state(sampler),
-            history=records, best=best, bad_epochs=bad_epochs,
-        )
-        if on_epoch is not None:
-            on_epoch(record)
+        rngs = gather_objects(rng_state.capture())  # every rank's, for an exact resume
+        if main:
+            records.append(record)
+            write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+            score = record.get("val_map@r", -record["loss"])
+            improved = not best or score > best["score"] or math.isnan(best["score"])
+            if improved:
+                best, bad_epochs = {"score": score, **record}, 0
+            else:
+                bad_epochs += 1
+            stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
+            entries = {"config": resolved, "class_names": class_names, "epoch": epoch,
+                       "metrics": record}
+            # best.pt before last.pt: a crash in between resumes from the previous epoch, whose
+            # last.pt still holds the best score it knew
+            if improved:
+                save_checkpoint(run / "best.pt", model, model_config, **entries)
+            save_checkpoint(
+                run / "last.pt", model, model_config, **entries,
+                train_config=asdict(cfg), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                loss=objective.state_dict(), rng=rngs[0], sampler=_sampler_state(sampler),
+                history=records, best=best, bad_epochs=bad_epochs,
+                **({"rng_ranks": rngs} if world > 1 else {}),
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+        stopped_early = broadcast(stopped_early)
         if stopped_early:
-            logger.info("early stop at epoch %d: no better val MAP@R for %d epochs",
-                        epoch, cfg.patience)
+            if main:
+                logger.info("early stop at epoch %d: no better val MAP@R for %d epochs",
+                            epoch, cfg.patience)
             break
-    if records:
+    if main and records:
         training_curves(records, run / "curves.png")
     epochs_run = records[-1]["epoch"] if records else 0
-    return {"run": str(run), "best_checkpoint": str(run / "best.pt"), "epochs_run": epochs_run,
-            "stopped_early": stopped_early, **best}
+    summary = {"run": str(run), "best_checkpoint": str(run / "best.pt"),
+               "epochs_run": epochs_run, "stopped_early": stopped_early, **best}
+    return broadcast(summary)  # rank 0 knows the history
+
+
+def backward_step(
+    trainee: nn.Module,
+    objective: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scaler: torch.amp.GradScaler,
+    use_amp: bool = False,
+    seed: int = 0,
+) -> float:
+    """Embed this process's images, compute the loss on the global batch, back-propagate.
+
+    Alone, the batch is ``images``; under a process group, the embeddings and labels of every
+    rank (:func:`~retrieval.distributed.gather_batch`), and the gradients come out as those of
+    the single-process loss on the global batch once DDP has averaged them
+    (:mod:`retrieval.distributed`). Randomised miners draw from ``seed``, shared by the ranks.
+
+    Returns:
+        The loss on the global batch; when it is not finite nothing is back-propagated.
+    """
+    device = images.device
+    with torch.autocast(device.type, enabled=use_amp):
+        emb = trainee(images)  # (batch / world, embedding_dim)
+    with shared_randomness(seed, device):
+        loss = objective(*gather_batch(emb.float(), targets))
+    value = loss.item()
+    if math.isfinite(value):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        scaler.scale(loss * world).backward()  # x world: DDP averages over the ranks
+        sync_loss_gradients(objective)
+    return value
+
+
+def _step_seed(seed: int, epoch: int, step: int) -> int:
+    """A seed for the step's shared random draws (the same on every rank)."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+
+
+def _restore_rng(saved: dict, rank: Rank) -> None:
+    """Put back this rank's random state from a checkpoint (rank 0's without a per-rank one)."""
+    per_rank = saved.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == rank.world_size:
+        rng_state.restore(per_rank[rank.rank])
+    elif rank.is_main:
+        rng_state.restore(saved["rng"])
+    else:
+        logger.info("rank %d: the checkpoint holds no random state for %d processes; this rank "
+                    "draws its augmentations afresh", rank.rank, rank.world_size)
 
 
 def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:

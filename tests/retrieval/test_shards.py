@@ -15,7 +15,7 @@ import pytest
 import retrieval.index as index_module
 from retrieval.errors import UserError
 from retrieval.index import GalleryIndex, GalleryPart, knn
-from retrieval.shards import Rank, rank_from_env, read_shards, shard_range
+from retrieval.shards import Rank, read_shards, shard_range
 from tests.conftest import run_cli
 from tests.retrieval.test_export import make_checkpoint
 
@@ -28,14 +28,6 @@ def test_shard_ranges_split_the_gallery_exactly():
             spans = [shard_range(total, Rank(r, world_size)) for r in range(world_size)]
             assert [i for s in spans for i in s] == list(range(total))
             assert max(map(len, spans)) - min(map(len, spans)) <= 1
-
-
-def test_rank_comes_from_torchrun_variables():
-    assert rank_from_env({}) == Rank(0, 1)
-    assert rank_from_env({"RANK": "1", "WORLD_SIZE": "3"}) == Rank(1, 3)
-    for env in ({"RANK": "0"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "a", "WORLD_SIZE": "2"}):
-        with pytest.raises(UserError):
-            rank_from_env(env)
 
 
 def _gallery(n: int = 2000, dim: int = 16, seed: int = 0):
