@@ -144,6 +144,42 @@ def test_two_processes_give_the_loss_and_gradients_of_one(two_process_steps, los
         assert one["objective"], "ArcFace's class weights are loss parameters"
 
 
+def _train_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """Train through ``retrieval.train.train`` as rank ``rank``, recording the files it writes."""
+    import retrieval.train as train_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    written: list[str] = []
+    for name in ("write_text", "save_checkpoint", "training_curves"):
+        def record(*args, _real=getattr(train_module, name), **kwargs):
+            written.append(Path(args[1] if _real.__name__ == "training_curves" else
+                                args[0]).name)
+            return _real(*args, **kwargs)
+        setattr(train_module, name, record)
+    steps: list[int] = []
+    cfg = train_module.TrainConfig(
+        data=folder, classes="", epochs=1, batch_size=40, m_per_class=4, image_size=16,
+        val_fraction=0.2, device="cpu", out=str(Path(out) / "run"))
+    summary = train_module.train(cfg, on_step=lambda s: steps.append(s.step))
+    torch.save({"written": written, "summary": summary, "steps": steps},
+               Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_and_reports(digits_folder, tmp_path):
+    mp.spawn(_train_worker, args=(WORLD, _free_port(), str(digits_folder), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    main, other = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "curves.png"} <= set(
+        main["written"])
+    assert main["steps"] == list(range(1, 7))  # 240 training images / 40 per global batch
+    assert other["written"] == [] and other["steps"] == []
+    assert other["summary"] == main["summary"]  # every rank returns rank 0's summary
+    assert main["summary"]["epoch"] == 1 and 0 <= main["summary"]["val_map@r"] <= 1
+
+
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
