@@ -50,7 +50,7 @@ EF_SEARCH = (16, 32, 64, 128, 256)
 NPROBE = (1, 2, 4, 8, 16, 32, 64, 128)
 #: A timed search is repeated until it has run this long, seconds.
 MIN_TIME = 1.0
-#: The target of the issue: an approximate index at this recall with this speed-up.
+#: The target: an approximate index at this recall with this speed-up.
 TARGET_RECALL, TARGET_SPEEDUP = 0.95, 20.0
 
 
