@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,8 @@ from sklearn.datasets import load_digits
 
 from retrieval.cli import main
 
+#: The repository's root (for subprocesses).
+REPO = Path(__file__).resolve().parents[1]
 #: Images per digit class in the test folders.
 PER_CLASS = 30
 
@@ -40,6 +45,18 @@ class NoCapture:
     @staticmethod
     def readouterr() -> tuple[str, str]:
         return "", ""
+
+
+def run_torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300
+                 ) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m retrieval ARGS`` in a clean environment
+    (one thread per process, none of the variables of an enclosing torchrun)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "retrieval", *[str(a) for a in args]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def build_index(folder: Path, checkpoint: Path, out: Path, *extra: str) -> Path:

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from retrieval.errors import UserError
 from retrieval.models import build_model
 from retrieval.objectives import build_objective
 from retrieval.train import backward_step
+from tests.conftest import run_torchrun
 
-REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 #: (loss, miner): a deterministic miner, a randomised one, loss parameters, a batch-order loss.
 CASES = [
@@ -181,12 +180,7 @@ def test_only_rank_zero_writes_and_reports(digits_folder, tmp_path):
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(WORLD), "-m", "retrieval", "train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return run_torchrun(["train", *args], cwd, nproc=WORLD)
 
 
 def _train_args(digits_folder: Path, out: Path, epochs: int) -> list[str]:

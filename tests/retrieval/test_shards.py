@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,8 @@ import retrieval.index as index_module
 from retrieval.errors import UserError
 from retrieval.index import GalleryIndex, GalleryPart, knn
 from retrieval.shards import Rank, read_shards, shard_range
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_torchrun
 from tests.retrieval.test_export import make_checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shard_ranges_split_the_gallery_exactly():
@@ -144,28 +140,10 @@ def test_two_ranks_with_torchrun_give_the_index_built_in_one_go(
 ):
     ckpt = trained_run / "best.pt"
     shards = tmp_path / "shards"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "retrieval",
-        "embed",
-        str(digits_folder),
-        "--model",
-        str(ckpt),
-        "--shards",
-        str(shards),
-        "--device",
-        "cpu",
-    ]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    run = run_torchrun(
+        ["embed", digits_folder, "--model", ckpt, "--shards", shards, "--device", "cpu"],
+        tmp_path, timeout=180,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 0 of 2" in run.stdout and "rank 1 of 2" in run.stdout
 
