@@ -26,12 +26,14 @@ from retrieval.train import backward_step
 from tests.conftest import run_torchrun
 
 WORLD = 2
-#: (loss, miner): a deterministic miner, a randomised one, loss parameters, a batch-order loss.
+#: (loss, miner), one of each input kind of retrieval.objectives: tuples (with a deterministic
+#: and a randomised miner), pairs, classes (with loss parameters), triplets, mnrl (batch order).
 CASES = [
     ("triplet", "semi-hard"),
     ("triplet", "distance-weighted"),
     ("contrastive", "multi-similarity"),
     ("arcface", None),
+    ("triplet-margin", "batch-hard"),
     ("multiple-negatives-ranking", None),
 ]
 CLASSES, PER_CLASS, DIM, SIZE = 4, 4, 8, 16
