@@ -337,13 +337,18 @@ def index_build(
                                          "query by default (stored in the index)."),
     ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW search "
                                             "depth by default (stored in the index)."),
+    on_disk: bool = typer.Option(False, "--on-disk", help="IVF types: keep the inverted lists "
+                                 "in OUT/index.ivfdata, memory-mapped, never all in memory "
+                                 "(built one shard at a time; the index is then read-only)."),
     split: str | None = typer.Option(None, help="Split (built-in or CSV split column)."),
     classes: str | None = typer.Option(None, help="Keep these classes, e.g. 5-9."),
     data_root: Path | None = typer.Option(None, help="Folder of the built-in dataset."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
-    from retrieval.index import parse_memory
+    import shutil
+
+    from retrieval.index import GalleryPart, parse_memory
     from retrieval.search import index_lock
 
     if metric not in METRICS:
@@ -357,23 +362,34 @@ def index_build(
         preprocessing={k: state["model_config"][k] for k in ("image_size", "mean", "std")},
         index_type=index_type, memory_budget=budget,
     )
-    if from_shards is not None:
-        from retrieval.shards import build_index_from_shards
+    # on-disk lists are merged here, then renamed into OUT: the same file system
+    work = out.parent / f".{out.name}.lists" if on_disk else None
+    try:
+        if from_shards is not None:
+            from retrieval.shards import build_index_from_shards
 
-        if split is not None or classes is not None:
-            raise UserError("--split and --classes apply when embedding; the shards are "
-                            "already embedded")
-        index = build_index_from_shards(from_shards, **built_with)
-    else:
-        ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
-        emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
-                                   pick_device(device), source)
-        index = GalleryIndex.build(emb, ds.refs, ds.labels, ds.class_names, **built_with)
-    index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
-    with index_lock(out):
-        index.save(out)
+            if split is not None or classes is not None:
+                raise UserError("--split and --classes apply when embedding; the shards are "
+                                "already embedded")
+            index = build_index_from_shards(from_shards, **built_with, on_disk=work)
+        else:
+            ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
+            emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
+                                       pick_device(device), source)
+            if work is not None:
+                index = GalleryIndex.build_in_parts([GalleryPart(emb, ds.refs, ds.labels)],
+                                                    ds.class_names, **built_with, on_disk=work)
+            else:
+                index = GalleryIndex.build(emb, ds.refs, ds.labels, ds.class_names, **built_with)
+        index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
+        with index_lock(out):
+            index.save(out)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    where = " (inverted lists on disk)" if on_disk else ""
     console.print(f"indexed {len(index)} images ({index.manifest.dim}-d, {metric}, "
-                  f"{index.manifest.index_type}) in {out}")
+                  f"{index.manifest.index_type}) in {out}{where}")
 
 
 @index_app.command("add")

@@ -7,7 +7,10 @@ On disk an index is a folder, written atomically (:func:`retrieval.atomic.atomic
   time added; the class names, the next free id and (HNSW only) the removed ids;
 - ``manifest.json``: format version, metric, dimension, index type (FAISS factory string), item
   count, the SHA-256 and path of the model checkpoint that produced the vectors, the
-  preprocessing, and the SHA-256 of the two files above.
+  preprocessing, and the SHA-256 of the other files;
+- ``index.ivfdata`` (IVF indexes built with ``on_disk``): the inverted lists, which FAISS
+  memory-maps (``OnDiskInvertedLists``), so neither building nor searching holds them in memory;
+  ``index.faiss`` then holds only the quantizer and the lists' directory.
 
 Loading verifies the checksums, and — when given the model the caller will embed queries with —
 refuses an index built with another model or dimension: mixing embedding spaces gives
@@ -29,7 +32,8 @@ families that differ in how ids and removal work:
 A gallery too large to embed or hold at once is built from parts (:class:`GalleryPart`, e.g. the
 shards of ``retrieval embed --shards``, :mod:`retrieval.shards`) with
 :meth:`GalleryIndex.build_in_parts`: one training sample, then for IVF one index per part sharing
-the trained coarse quantizer, whose inverted lists are merged.
+the trained coarse quantizer, whose inverted lists are merged — in memory, or with ``on_disk``
+into ``index.ivfdata`` (FAISS's ``merge_ondisk``), one part in memory at a time.
 
 Scores: for ``cosine`` the inner product of unit vectors (higher is closer); for ``l2`` the
 Euclidean distance (lower is closer). Approximate index types return approximate scores.
@@ -61,6 +65,8 @@ METRICS = ("cosine", "l2")
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
+#: Inverted lists of an on-disk IVF index (FAISS ``OnDiskInvertedLists``).
+IVFDATA_FILE = "index.ivfdata"
 
 #: Index type used when none is given: exact search.
 DEFAULT_INDEX_TYPE = "Flat"
@@ -508,6 +514,8 @@ class GalleryIndex:
         self.tombstones: set[int] = set(tombstones)
         self.read_only = read_only
         self.family = index_family(index)
+        #: ``index.ivfdata`` of an on-disk index (its inverted lists), else None.
+        self.lists_file: Path | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -575,6 +583,7 @@ class GalleryIndex:
         index_type: str = DEFAULT_INDEX_TYPE,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         seed: int = 0,
+        on_disk: str | os.PathLike | None = None,
     ) -> GalleryIndex:
         """The index :meth:`build` makes of the parts' vectors concatenated, built part by part.
 
@@ -587,8 +596,14 @@ class GalleryIndex:
         to one index. Vectors are read :data:`ADD_BLOCK` at a time: besides the index itself,
         memory holds one block and the training sample, never the whole gallery.
 
+        With ``on_disk`` (a work folder; IVF types only) the index itself stays out of memory
+        too: each part's index is written to the folder, then their lists are merged into
+        ``index.ivfdata`` there (``faiss.contrib.ondisk.merge_ondisk``), which :meth:`save`
+        moves into the index folder. Such an index is read-only: rebuild it to change it.
+
         Raises:
-            UserError: no vectors, or parts of different dimensions.
+            UserError: no vectors, parts of different dimensions, or ``on_disk`` for a type
+                without inverted lists.
         """
         _check_metric(metric)
         n = sum(len(p.xb) for p in parts)
@@ -625,17 +640,38 @@ class GalleryIndex:
             del sample
         manifest = _new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
         out = cls(index, [], class_names, manifest, next_id=0)
+        if on_disk is not None and out.family != "ivf":
+            raise UserError(f"an on-disk index keeps IVF inverted lists on disk; {index_type} "
+                            "has none: choose an IVF type, e.g. IVF4096,Flat")
+        work = Path(on_disk) if on_disk is not None else None
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
         empty = faiss.clone_index(index) if out.family == "ivf" else None
-        for part in parts:
+        part_files: list[str] = []
+        for n_part, part in enumerate(parts):
             target = out.index if empty is None else faiss.clone_index(empty)
             for a in range(0, len(part.xb), ADD_BLOCK):
                 b = min(a + ADD_BLOCK, len(part.xb))
                 out._add_normalized(
                     prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target
                 )
-            if empty is not None:
+            if work is not None:
+                part_files.append(str(work / f"part-{n_part:05d}.faiss"))
+                faiss.write_index(target, part_files[-1])
+                del target
+            elif empty is not None:
                 out.index.merge_from(target, 0)  # shared quantizer: lists are appended
                 logger.info("merged the inverted lists of %d vectors", target.ntotal)
+        if work is not None:
+            from faiss.contrib.ondisk import merge_ondisk
+
+            lists = work / IVFDATA_FILE
+            lists.unlink(missing_ok=True)
+            merge_ondisk(out.index, part_files, str(lists))  # same order as merge_from
+            for name in part_files:
+                Path(name).unlink()
+            out.lists_file = lists
+            logger.info("merged the inverted lists of %d parts into %s", len(parts), lists)
         return out
 
     # ---------------------------------------------------------------------------- changes
@@ -727,12 +763,20 @@ class GalleryIndex:
         if ef_search is not None:
             _inner(self.index).hnsw.efSearch = ef_search
 
-    def _check_writable(self) -> None:
+    @property
+    def read_only_reason(self) -> str:
+        """Why images cannot be added or removed ('' when they can)."""
+        if self.lists_file is not None:
+            return ("this index keeps its inverted lists on disk (built with --on-disk) and is "
+                    "read-only; rebuild it to add or remove images")
         if self.read_only:
-            raise ReadOnlyIndexError(
-                "this index was opened memory-mapped (read-only); open it without --mmap to "
-                "add or remove images"
-            )
+            return ("this index was opened memory-mapped (read-only); open it without --mmap to "
+                    "add or remove images")
+        return ""
+
+    def _check_writable(self) -> None:
+        if self.read_only or self.lists_file is not None:
+            raise ReadOnlyIndexError(self.read_only_reason)
 
     # ---------------------------------------------------------------------------- search
 
@@ -794,6 +838,7 @@ class GalleryIndex:
             "classes": len(self.class_names),
             "next_id": self.next_id,
             "read_only": self.read_only,
+            "lists_on_disk": self.lists_file is not None,
         }
         if self.family == "hnsw":
             out["ef_search"] = int(inner.hnsw.efSearch)
@@ -809,6 +854,14 @@ class GalleryIndex:
         """Write the index folder atomically: the old folder stays whole until the new one is
         complete."""
         with atomic_dir(directory) as tmp:
+            files = [INDEX_FILE, METADATA_FILE]
+            if self.lists_file is not None:
+                # the lists move (a rename: keep the work folder on the index's file system);
+                # the index file records their name, found beside it (IO_FLAG_ONDISK_SAME_DIR)
+                if self.lists_file.parent.resolve() == Path(directory).resolve():
+                    raise UserError("an on-disk index cannot be saved again; rebuild it")
+                os.replace(self.lists_file, tmp / IVFDATA_FILE)
+                files.append(IVFDATA_FILE)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             meta = {
                 "class_names": self.class_names,
@@ -820,12 +873,12 @@ class GalleryIndex:
             self.manifest.count = len(self)
             self.manifest.format_version = FORMAT_VERSION
             self.manifest.updated = time.time()
-            self.manifest.checksums = {
-                name: file_sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)
-            }
+            self.manifest.checksums = {name: file_sha256(tmp / name) for name in files}
             (tmp / MANIFEST_FILE).write_text(
                 json.dumps(asdict(self.manifest), indent=2) + "\n", encoding="utf-8"
             )
+        if self.lists_file is not None:
+            self.lists_file = Path(directory) / IVFDATA_FILE
 
     @classmethod
     def load(
@@ -866,6 +919,9 @@ class GalleryIndex:
                 "checkpoint, or rebuild the index with `retrieval index build`."
             )
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        on_disk = IVFDATA_FILE in manifest.checksums
+        if on_disk:
+            flags |= faiss.IO_FLAG_ONDISK_SAME_DIR  # the lists beside index.faiss, wherever
         try:
             index = faiss.read_index(str(directory / INDEX_FILE), flags)
             meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
@@ -886,8 +942,10 @@ class GalleryIndex:
                 manifest,
                 meta.get("next_id"),
                 tombstones,
-                read_only=mmap,
+                read_only=mmap or on_disk,
             )
+            if on_disk:
+                out.lists_file = directory / IVFDATA_FILE
         except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(
                 f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"

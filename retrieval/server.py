@@ -275,11 +275,7 @@ def create_app(
     ) -> dict:
         """Add an image; answers once the index folder is saved (a restart keeps it)."""
         if service.read_only:
-            raise HTTPException(
-                409,
-                "the index is memory-mapped (read-only); restart the "
-                "server without --mmap to add images",
-            )
+            raise HTTPException(409, service.index.read_only_reason)
         data, image, fmt = _read_upload(file)
         path = _store_upload(data, fmt, uploads)
         name = (label or "").strip() or UNLABELLED
@@ -291,11 +287,7 @@ def create_app(
     def remove_image(item_id: int) -> dict:
         """Remove an item; answers once the index folder is saved."""
         if service.read_only:
-            raise HTTPException(
-                409,
-                "the index is memory-mapped (read-only); restart the "
-                "server without --mmap to remove images",
-            )
+            raise HTTPException(409, service.index.read_only_reason)
         service.remove([item_id])
         count("removed")
         return {"removed": item_id, "items": len(service)}

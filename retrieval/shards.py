@@ -244,11 +244,14 @@ def build_index_from_shards(
     index_type: str = DEFAULT_INDEX_TYPE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     seed: int = 0,
+    on_disk: str | os.PathLike | None = None,
 ) -> GalleryIndex:
     """Build one index of all the shards in ``directory`` (see the module docstring).
 
     Args:
         model_sha256: of the checkpoint the index is for; the shards must be its embeddings.
+        on_disk: work folder for an on-disk IVF index (see
+            :meth:`~retrieval.index.GalleryIndex.build_in_parts`).
 
     Raises:
         UserError: see :func:`read_shards`; shards embedded with another model.
@@ -273,4 +276,5 @@ def build_index_from_shards(
         index_type=index_type,
         memory_budget=memory_budget,
         seed=seed,
+        on_disk=on_disk,
     )

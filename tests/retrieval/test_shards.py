@@ -7,12 +7,21 @@ import os
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
 import retrieval.index as index_module
 from retrieval.errors import UserError
-from retrieval.index import GalleryIndex, GalleryPart, knn
+from retrieval.index import (
+    ID_BYTES,
+    INDEX_FILE,
+    IVFDATA_FILE,
+    GalleryIndex,
+    GalleryPart,
+    ReadOnlyIndexError,
+    knn,
+)
 from retrieval.shards import Rank, read_shards, shard_range
 from tests.conftest import run_cli, run_torchrun
 from tests.retrieval.test_export import make_checkpoint
@@ -72,13 +81,60 @@ def test_built_in_parts_equals_built_in_one_go(index_type, tmp_path, monkeypatch
     assert GalleryIndex.load(tmp_path / "index").search(xq, 10)[1].tolist() == i2.tolist()
 
 
+@pytest.mark.parametrize("index_type", ["IVF16,Flat", "IVF16,PQ4"])
+def test_on_disk_lists_give_the_in_memory_results(index_type, tmp_path):
+    xb, refs, labels, xq = _gallery()
+    parts = [GalleryPart(xb[a:b], refs[a:b], labels[a:b]) for a, b in [(0, 900), (900, 2000)]]
+    memory = GalleryIndex.build_in_parts(parts, ["a", "b", "c"], index_type=index_type)
+    memory.set_search_defaults(nprobe=4)
+    work = tmp_path / "work"
+    disk = GalleryIndex.build_in_parts(parts, ["a", "b", "c"], index_type=index_type,
+                                       on_disk=work)
+    disk.set_search_defaults(nprobe=4)
+    assert sorted(p.name for p in work.iterdir()) == [IVFDATA_FILE]  # the part files are gone
+    memory.save(tmp_path / "memory")
+    disk.save(tmp_path / "disk")
+    assert not (work / IVFDATA_FILE).exists()  # moved into the index folder
+    # Moved elsewhere, the folder still finds its lists (they are beside index.faiss).
+    (tmp_path / "disk").rename(tmp_path / "moved")
+    loaded = GalleryIndex.load(tmp_path / "moved")
+    assert loaded.describe()["lists_on_disk"] and loaded.read_only
+    # index.faiss holds the quantizer and the lists' directory, not the codes and ids.
+    codes = len(xb) * (faiss.extract_index_ivf(loaded.index).code_size + ID_BYTES)
+    saved = (tmp_path / "memory" / INDEX_FILE).stat().st_size - (
+        tmp_path / "moved" / INDEX_FILE).stat().st_size
+    assert saved >= 0.9 * codes
+    d1, i1 = GalleryIndex.load(tmp_path / "memory").search(xq, 10)
+    d2, i2 = loaded.search(xq, 10)
+    np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_allclose(d2, d1, rtol=0, atol=1e-6)
+    with pytest.raises(ReadOnlyIndexError, match="rebuild it"):
+        loaded.add(xq[:1], ["new.png"], [0])
+    # A damaged lists file is caught by its checksum.
+    with open(tmp_path / "moved" / IVFDATA_FILE, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match="damaged"):
+        GalleryIndex.load(tmp_path / "moved")
+
+
+def test_on_disk_needs_inverted_lists(tmp_path):
+    xb, refs, labels, _ = _gallery(200)
+    with pytest.raises(UserError, match="choose an IVF type"):
+        GalleryIndex.build_in_parts([GalleryPart(xb, refs, labels)], ["a", "b", "c"],
+                                    index_type="HNSW16", on_disk=tmp_path / "work")
+
+
 def _index(path: Path) -> GalleryIndex:
     return GalleryIndex.load(path)
 
 
 def _same_results(a: GalleryIndex, b: GalleryIndex, xq: np.ndarray) -> None:
     assert a.refs == b.refs and list(a.labels) == list(b.labels)
-    assert a.describe() | {"next_id": 0} == b.describe() | {"next_id": 0}
+    same = {"next_id": 0, "read_only": False, "lists_on_disk": False}
+    assert a.describe() | same == b.describe() | same
     d1, i1 = a.search(xq, 5)
     d2, i2 = b.search(xq, 5)
     np.testing.assert_array_equal(i1, i2)
@@ -107,6 +163,18 @@ def test_one_process_shards(tmp_path, trained_run, digits_folder, capsys):
     assert code == 0, err
     xq = np.load(shards / "shard-00000-of-00001.npy")[::10]
     _same_results(_index(tmp_path / "merged"), _index(tmp_path / "one"), xq)
+    code, out, err = run_cli(["index", "build", "--from-shards", shards, "--out",
+                              tmp_path / "disk", "--on-disk", *args], capsys)
+    assert code == 0 and "inverted lists on disk" in " ".join(out.split()), err
+    assert (tmp_path / "disk" / IVFDATA_FILE).is_file()
+    assert not (tmp_path / ".disk.lists").exists()  # the work folder is cleaned up
+    _same_results(_index(tmp_path / "disk"), _index(tmp_path / "one"), xq)
+    code, _, err = run_cli(["index", "add", tmp_path / "disk", digits_folder], capsys)
+    assert code == 2 and "on disk" in err and "rebuild" in err
+    code, _, err = run_cli(["index", "build", digits_folder, "--out", tmp_path / "hnsw",
+                            "--on-disk", "--model", ckpt, "--index", "HNSW16"], capsys)
+    assert code == 2 and "choose an IVF type" in err
+    assert not (tmp_path / "hnsw").exists()
 
     # Refused: shards of another model, damaged embeddings, --out under torchrun, no source.
     other = make_checkpoint(tmp_path / "other.pt")
@@ -172,6 +240,10 @@ def test_two_ranks_with_torchrun_give_the_index_built_in_one_go(
     )
     assert code == 0, err
     _same_results(_index(tmp_path / "merged"), _index(tmp_path / "one"), together[::7])
+    code, _, err = run_cli(["index", "build", "--from-shards", shards, "--out",
+                            tmp_path / "on-disk", "--on-disk", *args], capsys)
+    assert code == 0, err
+    _same_results(_index(tmp_path / "on-disk"), _index(tmp_path / "one"), together[::7])
 
     # An incomplete run and shards of two runs are refused.
     shutil.move(shards / "shard-00001-of-00002.json", tmp_path / "rank1.json")
