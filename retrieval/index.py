@@ -41,13 +41,16 @@ Euclidean distance (lower is closer). Approximate index types return approximate
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +114,29 @@ class UnknownIdError(UserError):
 
 class ReadOnlyIndexError(UserError):
     """A change asked of an index opened memory-mapped."""
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what C code prints on stdout to stderr for the duration.
+
+    FAISS prints notices about on-disk inverted lists with ``printf``; on stdout they would spoil
+    machine-readable output (``retrieval search --json``).
+    """
+    sys.stdout.flush()
+    try:
+        libc = ctypes.CDLL(None)
+        saved = os.dup(1)
+    except (OSError, AttributeError, TypeError):  # no C library to flush, or no fd 1
+        yield
+        return
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)  # C's buffer, before fd 1 is stdout again
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def as_faiss(x: np.ndarray) -> np.ndarray:
@@ -667,7 +693,8 @@ class GalleryIndex:
 
             lists = work / IVFDATA_FILE
             lists.unlink(missing_ok=True)
-            merge_ondisk(out.index, part_files, str(lists))  # same order as merge_from
+            with _stdout_to_stderr():
+                merge_ondisk(out.index, part_files, str(lists))  # same order as merge_from
             for name in part_files:
                 Path(name).unlink()
             out.lists_file = lists
@@ -923,7 +950,8 @@ class GalleryIndex:
         if on_disk:
             flags |= faiss.IO_FLAG_ONDISK_SAME_DIR  # the lists beside index.faiss, wherever
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE), flags)
+            with _stdout_to_stderr() if on_disk else contextlib.nullcontext():
+                index = faiss.read_index(str(directory / INDEX_FILE), flags)
             meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
             items = [
                 Item(

@@ -120,6 +120,22 @@ def test_on_disk_lists_give_the_in_memory_results(index_type, tmp_path):
         GalleryIndex.load(tmp_path / "moved")
 
 
+def test_on_disk_index_keeps_json_output_clean(tmp_path, trained_run, digits_folder, capfd):
+    # FAISS printf()s a notice when it finds the lists beside a moved index: not on stdout.
+    ckpt = trained_run / "best.pt"
+    code, _, err = run_cli(["index", "build", digits_folder, "--model", ckpt, "--out",
+                            tmp_path / "built", "--index", "IVF4,Flat", "--on-disk",
+                            "--device", "cpu"], capfd)
+    assert code == 0, err
+    (tmp_path / "built").rename(tmp_path / "moved")
+    query = next((digits_folder / "digit3").iterdir())
+    code, out, err = run_cli(["search", tmp_path / "moved", query, "--json", "--device", "cpu"],
+                             capfd)
+    assert code == 0, err
+    assert json.loads(out)["queries"][0]["results"][0]["label"] == "digit3"
+    assert "IO_FLAG_ONDISK_SAME_DIR" in err
+
+
 def test_on_disk_needs_inverted_lists(tmp_path):
     xb, refs, labels, _ = _gallery(200)
     with pytest.raises(UserError, match="choose an IVF type"):
