@@ -1,6 +1,7 @@
 """The image search HTTP service (FastAPI): search by upload or by id, add, remove, serve images.
 
-Endpoints (OpenAPI documentation at ``/docs``, schema at ``/openapi.json``):
+Endpoints (OpenAPI documentation at ``/docs``, with Swagger UI served from the package so that
+it works offline; schema at ``/openapi.json``):
 
 - ``GET /``: the search page (``retrieval/web/index.html``);
 - ``POST /search``: multipart ``file`` (an image) *or* ``id`` (an indexed item: "more like
@@ -14,7 +15,7 @@ Endpoints (OpenAPI documentation at ``/docs``, schema at ``/openapi.json``):
 
 Errors are JSON ``{"detail": message}``: 400 unreadable or corrupt image, bad parameter; 404
 unknown id; 413 body over the upload limit; 401 write without the API token (when one is
-set); 409 a read-only (memory-mapped) index; 422 out-of-range form values.
+set); 409 a read-only (memory-mapped or on-disk) index; 422 out-of-range form values.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -161,7 +164,11 @@ def create_app(
         title="metric-retrieval image search",
         description="Search an image index by example; add and remove images.",
         version="1",
+        docs_url=None,  # served below from the package's own copy of Swagger UI
+        redoc_url=None,
     )
+    swagger = resources.files("retrieval").joinpath("web/swagger")
+    app.mount("/static/swagger", StaticFiles(directory=str(swagger)), name="swagger")
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
 
     @app.exception_handler(UserError)
@@ -191,6 +198,17 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        """The OpenAPI documentation, with Swagger UI's files from this package (no network)."""
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+        )
 
     @app.get("/health")
     def health() -> dict:

@@ -144,3 +144,28 @@ def test_search_page_upload_then_more_like_this(server_url, tmp_path):
             browser.close()
     # the server's 400 for the bad upload is logged by Chromium as a failed resource load
     assert [e for e in errors if "400" not in e] == []
+
+
+def test_api_docs_render_without_a_network(server_url):
+    url, _ = server_url
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+
+            def only_loopback(route) -> None:
+                if route.request.url.startswith(url):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_loopback)
+            page.goto(f"{url}/docs")
+            page.wait_for_selector(".opblock", timeout=20_000)
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert {"/search", "/images", "/health"} <= {p.replace("\u200b", "") for p in paths}
+            assert outside == []
+        finally:
+            browser.close()

@@ -109,7 +109,11 @@ def test_health_stats_docs_and_page(client):
     assert stats["writes_need_token"] is True and stats["max_k"] == MAX_K
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/images", "/images/{item_id}", "/health", "/stats"} <= set(paths)
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static/swagger/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()  # works without a network
+    script = client.get("/static/swagger/swagger-ui-bundle.js")
+    assert script.status_code == 200 and "SwaggerUIBundle" in script.text
     page = client.get("/")
     assert page.status_code == 200 and 'id="file-input"' in page.text
 
