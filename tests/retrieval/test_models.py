@@ -76,6 +76,7 @@ def test_checkpoint_roundtrip_restores_the_same_function(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temporary left
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a foreign pickle
 def test_foreign_files_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a metric-retrieval checkpoint"):
