@@ -26,7 +26,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable, where the platform allows."""
     with contextlib.suppress(OSError):  # not supported on every platform / filesystem
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -49,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -96,7 +97,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             old.rmdir()
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -35,7 +35,7 @@ from retrieval.distributed import rank_from_env
 from retrieval.embed import embed_dataset, pick_device
 from retrieval.errors import USER_ERRORS, UserError
 from retrieval.evaluate import pixel_vectors
-from retrieval.index import METRICS, GalleryIndex, read_manifest
+from retrieval.index import JOURNAL_FILE, METRICS, GalleryIndex, read_manifest
 from retrieval.metrics import DEFAULT_KS
 from retrieval.plots import Tile, neighbour_grid
 from retrieval.train import RESUME_OVERRIDABLE, StepInfo, TrainConfig, load_run_config, train
@@ -440,8 +440,19 @@ def index_remove(
     with index_lock(index_dir):
         index = GalleryIndex.load(index_dir)
         n = index.remove(ids)
-        index.save(index_dir)
+        index.commit(index_dir)
     console.print(f"removed {n} items from {index_dir}; it holds {len(index)}")
+
+
+@index_app.command("compact")
+def index_compact(index_dir: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Fold the journal of recent additions and removals into a new snapshot of the index."""
+    from retrieval.search import index_lock
+
+    with index_lock(index_dir):
+        index = GalleryIndex.load(index_dir)
+        index.save(index_dir)
+    console.print(f"{index_dir}: {len(index)} items, journal folded into the snapshot")
 
 
 @index_app.command("info")
@@ -453,7 +464,9 @@ def index_info(index_dir: Path = typer.Argument(..., help="Index folder.")) -> N
         if key == "checksums":
             value = ", ".join(f"{k}: {v[:12]}" for k, v in value.items())
         table.add_row(key, str(value))
-    described = GalleryIndex.load(index_dir, mmap=True).describe()
+    journal = Path(index_dir) / JOURNAL_FILE
+    pending = journal.is_file() and journal.stat().st_size > 0  # replayed: no memory map then
+    described = GalleryIndex.load(index_dir, mmap=not pending).describe()
     for key, value in described.items():
         if key not in ("metric", "dim", "index_type", "read_only"):
             table.add_row(key, str(value))

@@ -8,6 +8,12 @@ On disk an index is a folder, written atomically (:func:`retrieval.atomic.atomic
 - ``manifest.json``: format version, metric, dimension, index type (FAISS factory string), item
   count, the SHA-256 and path of the model checkpoint that produced the vectors, the
   preprocessing, and the SHA-256 of the other files;
+- ``journal.jsonl`` (after :meth:`GalleryIndex.commit`): the additions and removals made since
+  ``index.faiss`` and ``metadata.json`` were written, one checksummed line each, fsync'd before
+  the change is acknowledged and replayed on load; folded into a new snapshot once it outgrows
+  :data:`JOURNAL_COMPACT_FRACTION` of ``index.faiss``. Adding one image to a large index so
+  appends a line instead of rewriting the index. A line torn by a crash (never acknowledged) is
+  dropped;
 - ``index.ivfdata`` (IVF indexes built with ``on_disk``): the inverted lists, which FAISS
   memory-maps (``OnDiskInvertedLists``), so neither building nor searching holds them in memory;
   ``index.faiss`` then holds only the quantizer and the lists' directory.
@@ -41,8 +47,10 @@ Euclidean distance (lower is closer). Approximate index types return approximate
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -51,13 +59,13 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_dir, file_sha256
+from retrieval.atomic import atomic_dir, file_sha256, fsync_dir
 from retrieval.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,12 @@ METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 #: Inverted lists of an on-disk IVF index (FAISS ``OnDiskInvertedLists``).
 IVFDATA_FILE = "index.ivfdata"
+#: Changes since the snapshot (see the module docstring).
+JOURNAL_FILE = "journal.jsonl"
+#: :meth:`GalleryIndex.commit` writes a new snapshot instead of appending once the journal is
+#: larger than this fraction of ``index.faiss`` and than :data:`JOURNAL_MIN_BYTES`.
+JOURNAL_COMPACT_FRACTION = 0.25
+JOURNAL_MIN_BYTES = 16 * 1024**2
 
 #: Index type used when none is given: exact search.
 DEFAULT_INDEX_TYPE = "Flat"
@@ -542,6 +556,9 @@ class GalleryIndex:
         self.family = index_family(index)
         #: ``index.ivfdata`` of an on-disk index (its inverted lists), else None.
         self.lists_file: Path | None = None
+        self._pending: list[dict] = []  # journal entries of changes not yet committed
+        self._folder: Path | None = None  # the folder this index was loaded from / saved to
+        self._journal_bytes = 0  # length of that folder's journal up to its last good line
 
     def __len__(self) -> int:
         return len(self.items)
@@ -721,7 +738,17 @@ class GalleryIndex:
             raise ValueError("xb, refs and labels must have the same length")
         if self.manifest.metric == "cosine":
             xb = normalize(xb)
-        return self._add_normalized(xb, refs, labels)
+        ids = self._add_normalized(xb, refs, labels)
+        self._pending.append({
+            "op": "add",
+            "ids": ids.tolist(),
+            "refs": [str(r) for r in refs],
+            "labels": [self.class_names[int(y)] for y in labels],
+            "added": self.items[int(ids[0])].added if len(ids) else time.time(),
+            "dim": int(xb.shape[1]),
+            "vectors": base64.b64encode(np.ascontiguousarray(xb, np.float32).tobytes()).decode(),
+        })
+        return ids
 
     def _add_normalized(
         self, xb: np.ndarray, refs: Sequence[str], labels, into: faiss.Index | None = None
@@ -764,7 +791,92 @@ class GalleryIndex:
             1, self.index.ntotal
         ):
             self._rebuild_hnsw()
+        self._pending.append({"op": "remove", "ids": ids})
         return len(ids)
+
+    # ---------------------------------------------------------------------------- journal
+
+    def commit(self, directory: str | os.PathLike) -> None:
+        """Make the folder ``directory`` hold this index, durably.
+
+        When the folder is the one this index was loaded from or last saved to, the changes
+        since then are appended to its journal (fsync'd) — milliseconds, whatever the index
+        size; otherwise, or once the journal has grown past :data:`JOURNAL_COMPACT_FRACTION` of
+        ``index.faiss``, the whole folder is written anew (:meth:`save`).
+        """
+        directory = Path(directory)
+        journal = directory / JOURNAL_FILE
+        appendable = (
+            self._folder is not None
+            and self._folder == directory.resolve()
+            and (directory / INDEX_FILE).is_file()
+        )
+        if appendable:
+            limit = max(JOURNAL_MIN_BYTES,
+                        JOURNAL_COMPACT_FRACTION * (directory / INDEX_FILE).stat().st_size)
+            appendable = self._journal_bytes <= limit
+        if not appendable:
+            self.save(directory)
+            return
+        if not self._pending:
+            return
+        lines = b"".join(_journal_line(entry) for entry in self._pending)
+        new = not journal.exists()
+        with open(journal, "ab" if new else "r+b") as fh:
+            fh.truncate(self._journal_bytes)  # drop a line torn by an earlier failure
+            fh.seek(self._journal_bytes)
+            try:
+                fh.write(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except BaseException:  # not acknowledged: leave no trace of it
+                with contextlib.suppress(OSError):
+                    fh.truncate(self._journal_bytes)
+                raise
+        if new:
+            fsync_dir(directory)
+        self._journal_bytes += len(lines)
+        self._pending.clear()
+
+    def _replay(self, journal: Path) -> int:
+        """Apply the journal's changes; returns the length of its good part, in bytes."""
+        data = journal.read_bytes()
+        good = 0
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines[:-1], start=1):  # the last piece has no newline
+            entry = _parse_journal_line(line)
+            if entry is None:
+                if any(rest.strip() for rest in lines[n:]):
+                    raise UserError(f"{journal}, line {n} is damaged; the changes after it "
+                                    "cannot be applied: rebuild the index")
+                break
+            self._apply(entry, journal, n)
+            good += len(line) + 1
+        if good < len(data):
+            logger.warning("%s: dropped an incomplete last change (a crash while writing it; "
+                           "it was never acknowledged)", journal)
+        self._pending.clear()
+        return good
+
+    def _apply(self, entry: dict, journal: Path, line: int) -> None:
+        try:
+            if entry["op"] == "add":
+                xb = np.frombuffer(base64.b64decode(entry["vectors"]), dtype=np.float32)
+                xb = xb.reshape(-1, int(entry["dim"]))
+                labels = [self.label_id(name) for name in entry["labels"]]
+                ids = self._add_normalized(xb, entry["refs"], labels)
+                for i in ids:
+                    self.items[int(i)] = replace(self.items[int(i)], added=float(entry["added"]))
+                ok = ids.tolist() == entry["ids"]
+            elif entry["op"] == "remove":
+                ok = self.remove(entry["ids"]) == len(entry["ids"])
+            else:
+                ok = False
+        except (KeyError, TypeError, ValueError, UserError):
+            ok = False
+        if not ok:
+            raise UserError(f"{journal}, line {line} does not fit the index (a journal of "
+                            "another index?); rebuild the index")
 
     def _rebuild_hnsw(self) -> None:
         """Rebuild the HNSW graph without its tombstones (HNSW cannot delete nodes)."""
@@ -906,6 +1018,8 @@ class GalleryIndex:
             )
         if self.lists_file is not None:
             self.lists_file = Path(directory) / IVFDATA_FILE
+        self._pending.clear()
+        self._folder, self._journal_bytes = Path(directory).resolve(), 0
 
     @classmethod
     def load(
@@ -974,6 +1088,16 @@ class GalleryIndex:
             )
             if on_disk:
                 out.lists_file = directory / IVFDATA_FILE
+            journal = directory / JOURNAL_FILE
+            if journal.is_file() and journal.stat().st_size:
+                if mmap:
+                    raise UserError(
+                        f"{directory} has changes in {JOURNAL_FILE} not yet in {INDEX_FILE}; "
+                        f"run `retrieval index compact {directory}` before opening it "
+                        "memory-mapped"
+                    )
+                out._journal_bytes = out._replay(journal)
+            out._folder = directory.resolve()
         except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(
                 f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
@@ -984,6 +1108,24 @@ class GalleryIndex:
                 f"metadata {len(out.items)} items; rebuild the index"
             )
         return out
+
+
+def _journal_line(entry: dict) -> bytes:
+    """``SHA256 JSON\\n``: one journal entry with the checksum of its JSON."""
+    payload = json.dumps(entry, separators=(",", ":")).encode()
+    return hashlib.sha256(payload).hexdigest().encode() + b" " + payload + b"\n"
+
+
+def _parse_journal_line(line: bytes) -> dict | None:
+    """The entry of a journal line; None when it is torn or damaged."""
+    digest, _, payload = line.partition(b" ")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        return None
+    try:
+        entry = json.loads(payload)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:

@@ -273,11 +273,12 @@ class SearchService:
         return n
 
     def _persist(self) -> None:
-        """Save the index folder; on failure reload it, so memory matches disk again."""
+        """Commit the change to the index folder (its journal, or a new snapshot); on failure
+        reload the folder, so memory matches disk again."""
         t0 = time.perf_counter()
         try:
             with self._rw.read():
-                self.index.save(self.index_dir)
+                self.index.commit(self.index_dir)
         except BaseException:
             logger.exception("saving %s failed; reloading the last saved state", self.index_dir)
             reloaded = GalleryIndex.load(self.index_dir)

@@ -301,3 +301,108 @@ def test_format_1_folders_still_load(tmp_path):
     man_path.write_text(json.dumps(man))
     with pytest.raises(UserError, match="newer"):
         GalleryIndex.load(tmp_path / "i")
+
+
+def _snapshot(folder) -> str:
+    return hashlib.sha256((folder / "index.faiss").read_bytes()).hexdigest()
+
+
+def _same_index(a: GalleryIndex, b: GalleryIndex, xq: np.ndarray) -> None:
+    assert a.items == b.items  # ids, references, labels and times added
+    assert a.class_names == b.class_names and a.next_id == b.next_id
+    assert a.tombstones == b.tombstones
+    d1, i1 = a.search(xq, 8)
+    d2, i2 = b.search(xq, 8)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "IVF8,Flat", "HNSW16"])
+def test_commits_append_to_the_journal_and_loading_replays_it(index_type, tmp_path):
+    xb = _clustered(400)
+    labels, refs = np.arange(400) % 4, [f"/img/{i}.png" for i in range(400)]
+    xq = xb[::25] + 0.01
+    index = GalleryIndex.build(xb, refs, labels, list("abcd"), index_type=index_type)
+    folder = tmp_path / "index"
+    index.commit(folder)  # a folder new to the index: a whole snapshot, no journal
+    assert not (folder / "journal.jsonl").exists()
+    before = _snapshot(folder)
+    rng = np.random.default_rng(5)
+    for step in range(4):
+        extra = rng.normal(size=(3, 16)).astype(np.float32)
+        names = ["a", "new-class", "b"]
+        index.add(extra, [f"/new/{step}-{j}.png" for j in range(3)],
+                  [index.label_id(n) for n in names])
+        index.remove(list(index.items)[step * 7: step * 7 + 5])
+        index.commit(folder)
+    assert _snapshot(folder) == before  # the snapshot was not rewritten
+    assert len((folder / "journal.jsonl").read_bytes().splitlines()) == 8
+    _same_index(GalleryIndex.load(folder), index, xq)
+
+
+def test_a_torn_last_line_is_dropped_and_overwritten(tmp_path):
+    xb, labels, refs = _gallery()
+    index = GalleryIndex.build(xb, refs, labels, list("abcde"))
+    folder = tmp_path / "index"
+    index.save(folder)
+    index.remove([3])
+    index.commit(folder)
+    journal = folder / "journal.jsonl"
+    whole = journal.read_bytes()
+    index.remove([4])
+    index.commit(folder)
+    # A crash in the middle of writing the second change (before it was acknowledged):
+    journal.write_bytes(journal.read_bytes()[: len(whole) + 40])
+    loaded = GalleryIndex.load(folder)
+    assert 3 not in loaded.items and 4 in loaded.items
+    # The next change replaces the torn line instead of following it.
+    loaded.remove([5])
+    loaded.commit(folder)
+    again = GalleryIndex.load(folder)
+    assert {3, 5}.isdisjoint(again.items) and 4 in again.items and len(again) == 198
+
+
+def test_a_damaged_journal_line_is_refused(tmp_path):
+    xb, labels, refs = _gallery()
+    index = GalleryIndex.build(xb, refs, labels, list("abcde"))
+    folder = tmp_path / "index"
+    index.save(folder)
+    for i in (3, 4):
+        index.remove([i])
+        index.commit(folder)
+    journal = folder / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0].replace(b"[3]", b"[7]") + lines[1])  # the checksum catches it
+    with pytest.raises(UserError, match="line 1 is damaged"):
+        GalleryIndex.load(folder)
+    # A valid line of another index does not fit this one.
+    other = GalleryIndex.build(xb, refs, labels, list("abcde"))
+    other.save(tmp_path / "other")
+    other.remove([150])
+    other.commit(tmp_path / "other")
+    other.remove([150 - 1])
+    other.commit(tmp_path / "other")
+    (tmp_path / "other" / "journal.jsonl").write_bytes(lines[0] + lines[0])  # id 3 twice
+    with pytest.raises(UserError, match="line 2 does not fit"):
+        GalleryIndex.load(tmp_path / "other")
+
+
+def test_a_large_journal_is_folded_into_a_new_snapshot(tmp_path, monkeypatch):
+    import retrieval.index as index_module
+
+    xb, labels, refs = _gallery()
+    index = GalleryIndex.build(xb, refs, labels, list("abcde"))
+    folder = tmp_path / "index"
+    index.save(folder)
+    monkeypatch.setattr(index_module, "JOURNAL_MIN_BYTES", 0)
+    monkeypatch.setattr(index_module, "JOURNAL_COMPACT_FRACTION", 0.01)
+    before = _snapshot(folder)
+    index.remove([1])
+    index.commit(folder)  # the journal was empty: appended
+    assert (folder / "journal.jsonl").exists() and _snapshot(folder) == before
+    index.add(xb[:40], [f"/again/{i}.png" for i in range(40)], labels[:40])
+    index.commit(folder)  # appended: the check is on the journal before the append
+    index.remove([2])
+    index.commit(folder)  # now over 1% of index.faiss: a new snapshot, no journal
+    assert not (folder / "journal.jsonl").exists() and _snapshot(folder) != before
+    _same_index(GalleryIndex.load(folder), index, xb[::20])

@@ -93,8 +93,17 @@ def test_index_lifecycle_through_the_cli(trained_run, digits_folder, tmp_path, c
 
     code, _, err = run_cli(["search", idx, query, "--nprobe", "4", "--device", "cpu"], capsys)
     assert code == 2 and "nprobe applies to IVF" in err
+    # The adds and removes went to the journal; a memory map needs them folded in first.
+    assert (idx / "journal.jsonl").stat().st_size > 0
     code, _, err = run_cli(["search", idx, query, "--mmap", "--device", "cpu"], capsys)
+    assert code == 2 and "retrieval index compact" in err
+    code, out, err = run_cli(["index", "compact", idx], capsys)
+    assert code == 0 and "599 items" in out, err
+    assert not (idx / "journal.jsonl").exists()
+    code, out, err = run_cli(["search", idx, query, "--mmap", "--json", "--device", "cpu"],
+                             capsys)
     assert code == 0, err
+    assert [h["id"] for h in json.loads(out)["queries"][0]["results"]][:3] == ids
 
 
 def test_auto_and_ivf_builds_and_clear_refusals(trained_run, digits_folder, tmp_path, capsys):

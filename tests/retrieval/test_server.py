@@ -4,6 +4,7 @@ limits and error codes, the API token, concurrency (FastAPI's TestClient, in-pro
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import threading
@@ -204,14 +205,23 @@ def test_a_failed_save_is_not_acknowledged_and_rolled_back(
 ):
     client = TestClient(create_app(service, tmp_path / "uploads"), raise_server_exceptions=False)
 
-    def disk_full(self, directory):
+    def disk_full(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(GalleryIndex, "save", disk_full)
+    # The change is appended to the journal, whose fsync fails: not acknowledged, not kept.
+    monkeypatch.setattr(os, "fsync", disk_full)
     assert client.delete("/images/7").status_code == 500
     monkeypatch.undo()
     assert 7 in service.index.items and len(service) == 300  # memory matches disk again
+    assert 7 in GalleryIndex.load(index_dir).items
+    # The same with a new snapshot (what a first commit to a folder, or compaction, writes).
+    monkeypatch.setattr(GalleryIndex, "save", disk_full)
+    service.index._folder = None  # as if the folder were new to it: commit writes a snapshot
+    assert client.delete("/images/8").status_code == 500
+    monkeypatch.undo()
+    assert 8 in service.index.items and 8 in GalleryIndex.load(index_dir).items
     assert client.delete("/images/7").status_code == 200
+    assert 7 not in GalleryIndex.load(index_dir).items
 
 
 def test_concurrent_searches_adds_and_removes(service, index_dir):
