@@ -822,6 +822,8 @@ class GalleryIndex:
             return
         lines = b"".join(_journal_line(entry) for entry in self._pending)
         new = not journal.exists()
+        if new:
+            self._journal_bytes = 0
         with open(journal, "ab" if new else "r+b") as fh:
             fh.truncate(self._journal_bytes)  # drop a line torn by an earlier failure
             fh.seek(self._journal_bytes)
