@@ -459,13 +459,15 @@ def index_compact(index_dir: Path = typer.Argument(..., help="Index folder.")) -
 def index_info(index_dir: Path = typer.Argument(..., help="Index folder.")) -> None:
     """Show what an index holds and what it was built with."""
     m = read_manifest(index_dir)
+    journal = Path(index_dir) / JOURNAL_FILE
+    pending = journal.is_file() and journal.stat().st_size > 0  # replayed: no memory map then
     table = Table(show_header=False)
     for key, value in asdict(m).items():
         if key == "checksums":
             value = ", ".join(f"{k}: {v[:12]}" for k, v in value.items())
+        if key == "count" and pending:
+            value = f"{value} at the last snapshot; changes since in {JOURNAL_FILE}"
         table.add_row(key, str(value))
-    journal = Path(index_dir) / JOURNAL_FILE
-    pending = journal.is_file() and journal.stat().st_size > 0  # replayed: no memory map then
     described = GalleryIndex.load(index_dir, mmap=not pending).describe()
     for key, value in described.items():
         if key not in ("metric", "dim", "index_type", "read_only"):
