@@ -282,7 +282,7 @@ def embed_cmd(
 ) -> None:
     """Embed every image of a source; writes OUT (.npy, float32) and OUT.ids.json, or with
     --shards one shard per process (`torchrun --nproc_per_node N -m retrieval embed ...`)."""
-    from retrieval.distributed import process_group
+    from retrieval.distributed import process_group, rank_device
     from retrieval.shards import BACKEND, embed_shard, shard_range
 
     rank = rank_from_env()
@@ -294,11 +294,13 @@ def embed_cmd(
     ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
     ds = ds.with_transform(preprocessing(state))
     if shards is not None:
+        dev = pick_device(device)
+        dev = rank_device(dev, rank) if dev.type == "cuda" else dev  # one GPU per process
         with process_group(rank, BACKEND), _progress(transient=True) as bar:
             task = bar.add_task(f"embedding {source} (rank {rank.rank})",
                                 total=len(shard_range(len(ds), rank)), info="")
             path = embed_shard(net, ds, shards, rank, file_sha256(model),
-                               str(Path(model).resolve()), source, device=pick_device(device),
+                               str(Path(model).resolve()), source, device=dev,
                                on_batch=lambda n: bar.advance(task, n))
         console.print(f"rank {rank.rank} of {rank.world_size}: wrote {path} "
                       f"and {path.with_suffix('.npy')}")

@@ -133,8 +133,8 @@ def rank_device(device: torch.device, rank: Rank) -> torch.device:
                 f"{torch.cuda.device_count()}: start at most that many processes per node"
             )
         device = torch.device("cuda", rank.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # collectives of objects (nccl) use the current GPU
     return device
 
 

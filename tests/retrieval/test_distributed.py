@@ -18,7 +18,13 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.checkpoint import load_checkpoint
-from retrieval.distributed import HeadEmbedding, Rank, ShardedBatchSampler, rank_from_env
+from retrieval.distributed import (
+    HeadEmbedding,
+    Rank,
+    ShardedBatchSampler,
+    rank_device,
+    rank_from_env,
+)
 from retrieval.errors import UserError
 from retrieval.models import build_model
 from retrieval.objectives import build_objective
@@ -71,6 +77,22 @@ def test_sharded_sampler_splits_every_global_batch(world):
         assert joined == expected[b * batch:(b + 1) * batch]
         for share in shares:  # every rank holds 4 / world images of each of the 6 classes
             assert np.bincount(labels[share], minlength=6).tolist() == [4 // world] * 6
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch):
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = torch.device("cuda")
+    assert rank_device(cuda, Rank()) == cuda and chosen == []  # one process: as given
+    assert rank_device(cuda, Rank(3, 4, 1)) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)]
+    with pytest.raises(UserError, match="has 2"):
+        rank_device(cuda, Rank(2, 4, 2))
+    cpu = torch.device("cpu")
+    assert rank_device(cpu, Rank(1, 2, 1)) == cpu
+    with pytest.raises(UserError, match="not mps"):
+        rank_device(torch.device("mps"), Rank(0, 2))
 
 
 def test_sharded_sampler_refuses_uneven_batches():
