@@ -14,7 +14,8 @@ the pieces metric learning adds around it:
 - :func:`gather_batch`: the ranks' embeddings and labels, put back in the global batch's order,
   so miners and losses see the whole global batch (a triplet's negative may live on another
   rank);
-- :func:`sync_loss_gradients`: the gradient correction for loss parameters (below).
+- :func:`sync_loss_gradients`: the gradient correction for loss parameters (below);
+- :func:`embed_sharded`: validation embeddings, each rank embedding a share, gathered on rank 0.
 
 ``batch_size`` is the *global* batch: a configuration trains the same way on 1 or N processes
 (each loads ``batch_size / N`` images per step).
@@ -49,11 +50,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from retrieval.embed import embed_dataset
 from retrieval.errors import UserError
 
 T = TypeVar("T")
@@ -157,6 +160,17 @@ def process_group(rank: Rank, backend: str = "gloo") -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def shard_range(total: int, rank: Rank) -> range:
+    """The positions of ``total`` items that rank ``rank.rank`` handles: contiguous, sizes
+    differing by at most 1.
+
+    Example:
+        >>> [list(shard_range(5, Rank(r, 2))) for r in range(2)]
+        [[0, 1], [2, 3, 4]]
+    """
+    return range(total * rank.rank // rank.world_size, total * (rank.rank + 1) // rank.world_size)
 
 
 def _active() -> bool:
@@ -294,3 +308,25 @@ def shared_randomness(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def embed_sharded(
+    model: nn.Module, dataset: Any, device: torch.device, rank: Rank
+) -> np.ndarray | None:
+    """Embeddings of all of ``dataset`` on rank 0 (None on the others); each rank embeds its
+    :func:`shard_range` share. Every rank must call it. Alone: the whole dataset.
+
+    The model's parameters and buffers are first made rank 0's on every rank: on the CPU each
+    rank's BatchNorm running statistics drift apart during an epoch, and the embeddings must be
+    those of the model rank 0 saves.
+    """
+    if not _active():
+        return embed_dataset(model, dataset, device=device)
+    broadcast_module(model)
+    span = shard_range(len(dataset), rank)
+    part = embed_dataset(model, dataset.subset(np.arange(span.start, span.stop)), device=device)
+    parts: list[Any] | None = [None] * rank.world_size if rank.is_main else None
+    dist.gather_object(part, parts, dst=0)
+    if parts is None:
+        return None
+    return np.concatenate([p for p in parts if len(p)])  # an empty share has no width

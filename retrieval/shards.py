@@ -41,7 +41,7 @@ from torch import nn
 
 from data.datasets import ImageDataset
 from retrieval.atomic import file_sha256, write_json, write_npy
-from retrieval.distributed import Rank
+from retrieval.distributed import Rank, shard_range
 from retrieval.embed import DEFAULT_BATCH_SIZE, embed_dataset
 from retrieval.errors import UserError
 from retrieval.index import DEFAULT_INDEX_TYPE, DEFAULT_MEMORY_BUDGET, GalleryIndex, GalleryPart
@@ -53,16 +53,6 @@ VERSION = 1
 #: Backend of the process group (see the module docstring).
 BACKEND = "gloo"
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
-
-
-def shard_range(total: int, rank: Rank) -> range:
-    """The gallery positions rank ``rank.rank`` embeds: contiguous, sizes differing by at most 1.
-
-    Example:
-        >>> [list(shard_range(5, Rank(r, 2))) for r in range(2)]
-        [[0, 1], [2, 3, 4]]
-    """
-    return range(total * rank.rank // rank.world_size, total * (rank.rank + 1) // rank.world_size)
 
 
 def shard_stem(rank: Rank) -> str:

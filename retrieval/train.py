@@ -52,6 +52,7 @@ from retrieval.distributed import (
     backend_for,
     broadcast,
     broadcast_module,
+    embed_sharded,
     gather_batch,
     gather_objects,
     process_group,
@@ -60,7 +61,7 @@ from retrieval.distributed import (
     shared_randomness,
     sync_loss_gradients,
 )
-from retrieval.embed import embed_dataset, pick_device
+from retrieval.embed import pick_device
 from retrieval.errors import UserError
 from retrieval.evaluate import evaluate_embeddings
 from retrieval.models import BACKBONES, DEFAULT_EMBEDDING_DIM, EMBEDDINGS, STEMS, build_model
@@ -436,8 +437,8 @@ def _train(
             "lr": lr,  # of the epoch's last step
             "images_per_s": seen / (time.perf_counter() - t0),
         }
-        if main and val_set is not None:
-            val_emb = embed_dataset(model, val_set, device=device)
+        val_emb = embed_sharded(model, val_set, device, rank) if val_set is not None else None
+        if val_emb is not None:  # on rank 0
             scores = evaluate_embeddings(val_emb, val_set.labels, ks=(1,))
             record["val_recall@1"] = scores["recall@1"]
             record["val_map@r"] = scores["map@r"]

@@ -17,7 +17,7 @@ import yaml
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.nn.parallel import DistributedDataParallel
 
-from retrieval.checkpoint import load_checkpoint
+from retrieval.checkpoint import load_checkpoint, load_model, preprocessing
 from retrieval.distributed import (
     HeadEmbedding,
     Rank,
@@ -25,10 +25,17 @@ from retrieval.distributed import (
     rank_device,
     rank_from_env,
 )
+from retrieval.embed import embed_dataset
 from retrieval.errors import UserError
+from retrieval.evaluate import evaluate_embeddings
 from retrieval.models import build_model
 from retrieval.objectives import build_objective
-from retrieval.train import backward_step
+from retrieval.train import (
+    TrainConfig,
+    backward_step,
+    load_training_data,
+    split_train_val,
+)
 from tests.conftest import run_torchrun
 
 WORLD = 2
@@ -201,6 +208,15 @@ def test_only_rank_zero_writes_and_reports(digits_folder, tmp_path):
     assert other["written"] == [] and other["steps"] == []
     assert other["summary"] == main["summary"]  # every rank returns rank 0's summary
     assert main["summary"]["epoch"] == 1 and 0 <= main["summary"]["val_map@r"] <= 1
+    # The validation split was embedded half by each rank: the metrics are those of the saved
+    # model on the whole split, computed here by one process.
+    net, state = load_model(tmp_path / "run" / "best.pt")
+    cfg = TrainConfig(data=str(digits_folder), classes="", image_size=16, val_fraction=0.2)
+    _, val = split_train_val(load_training_data(cfg), 0.2, cfg.seed)
+    emb = embed_dataset(net, val.with_transform(preprocessing(state)))
+    scores = evaluate_embeddings(emb, val.labels, ks=(1,))
+    assert main["summary"]["val_map@r"] == pytest.approx(scores["map@r"], abs=1e-6)
+    assert main["summary"]["val_recall@1"] == pytest.approx(scores["recall@1"], abs=1e-6)
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -149,8 +149,8 @@ def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monk
 def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch, caplog):
     import retrieval.train as train_module
 
-    monkeypatch.setattr(train_module, "embed_dataset",
-                        lambda model, ds, **k: np.ones((len(ds), 8), dtype=np.float32))
+    monkeypatch.setattr(train_module, "embed_sharded",
+                        lambda model, ds, *a, **k: np.ones((len(ds), 8), dtype=np.float32))
     with caplog.at_level("WARNING", logger="retrieval.train"):
         train(_cfg(digits_folder, tmp_path / "run"))
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
