@@ -350,7 +350,7 @@ def index_build(
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
     import shutil
 
-    from retrieval.index import GalleryPart, parse_memory
+    from retrieval.index import parse_memory
     from retrieval.search import index_lock
 
     if metric not in METRICS:
@@ -378,11 +378,8 @@ def index_build(
             ds = _open(source, split, classes, data_root, state["model_config"]["image_size"])
             emb = _embed_with_progress(net, ds.with_transform(preprocessing(state)),
                                        pick_device(device), source)
-            if work is not None:
-                index = GalleryIndex.build_in_parts([GalleryPart(emb, ds.refs, ds.labels)],
-                                                    ds.class_names, **built_with, on_disk=work)
-            else:
-                index = GalleryIndex.build(emb, ds.refs, ds.labels, ds.class_names, **built_with)
+            index = GalleryIndex.build(emb, ds.refs, ds.labels, ds.class_names, **built_with,
+                                       on_disk=work)
         index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
         with index_lock(out):
             index.save(out)

@@ -589,6 +589,7 @@ class GalleryIndex:
         index_type: str = DEFAULT_INDEX_TYPE,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         seed: int = 0,
+        on_disk: str | os.PathLike | None = None,
     ) -> GalleryIndex:
         """Index the vectors ``xb`` ``(n, dim)``; item ids are ``0 .. n-1``.
 
@@ -596,23 +597,13 @@ class GalleryIndex:
             index_type: a FAISS factory string or ``auto`` (:func:`choose_index_type`).
             memory_budget: bytes the index may use, for ``auto``.
             seed: of the training sample.
+            on_disk: work folder for IVF lists kept on disk (see :meth:`build_in_parts`).
         """
-        _check_metric(metric)
-        xb = normalize(xb) if metric == "cosine" else as_faiss(xb)
-        if len(xb) == 0:
-            raise UserError("cannot build an index of an empty gallery")
-        if not (len(xb) == len(refs) == len(labels)):
-            raise ValueError("xb, refs and labels must have the same length")
-        dim = xb.shape[1]
-        if index_type == "auto":
-            index_type = choose_index_type(len(xb), dim, memory_budget)
-            logger.info("index type for %d vectors: %s", len(xb), index_type)
-        index = make_index(index_type, dim, metric)
-        _train(index, xb, seed)
-        manifest = _new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
-        out = cls(index, [], class_names, manifest, next_id=0)
-        out._add_normalized(xb, refs, labels)
-        return out
+        return cls.build_in_parts(
+            [GalleryPart(np.asarray(xb), refs, labels)], class_names, metric=metric,
+            model_sha256=model_sha256, model_path=model_path, preprocessing=preprocessing,
+            index_type=index_type, memory_budget=memory_budget, seed=seed, on_disk=on_disk,
+        )
 
     @classmethod
     def build_in_parts(
@@ -692,7 +683,9 @@ class GalleryIndex:
         empty = faiss.clone_index(index) if out.family == "ivf" else None
         part_files: list[str] = []
         for n_part, part in enumerate(parts):
-            target = out.index if empty is None else faiss.clone_index(empty)
+            # the first part goes straight in, unless every part is written out for merge_ondisk
+            direct = empty is None or (n_part == 0 and work is None)
+            target = out.index if direct else faiss.clone_index(empty)
             for a in range(0, len(part.xb), ADD_BLOCK):
                 b = min(a + ADD_BLOCK, len(part.xb))
                 out._add_normalized(
@@ -702,7 +695,7 @@ class GalleryIndex:
                 part_files.append(str(work / f"part-{n_part:05d}.faiss"))
                 faiss.write_index(target, part_files[-1])
                 del target
-            elif empty is not None:
+            elif not direct:
                 out.index.merge_from(target, 0)  # shared quantizer: lists are appended
                 logger.info("merged the inverted lists of %d vectors", target.ntotal)
         if work is not None:

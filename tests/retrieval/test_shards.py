@@ -143,6 +143,14 @@ def test_on_disk_needs_inverted_lists(tmp_path):
                                     index_type="HNSW16", on_disk=tmp_path / "work")
 
 
+def _build_merged_and_one(shards: Path, folder: Path, tmp_path: Path, args: list, capsys) -> None:
+    """``tmp_path/merged`` built from the shards, ``tmp_path/one`` from the images in one go."""
+    for source, out in ((["--from-shards", shards], "merged"), ([folder], "one")):
+        code, _, err = run_cli(["index", "build", *source, "--out", tmp_path / out, *args],
+                               capsys)
+        assert code == 0, err
+
+
 def _index(path: Path) -> GalleryIndex:
     return GalleryIndex.load(path)
 
@@ -169,14 +177,7 @@ def test_one_process_shards(tmp_path, trained_run, digits_folder, capsys):
         "shard-00000-of-00001.npy",
     ]
     args = ["--model", ckpt, "--index", "IVF4,Flat", "--nprobe", "2", "--device", "cpu"]
-    code, _, err = run_cli(
-        ["index", "build", "--from-shards", shards, "--out", tmp_path / "merged", *args], capsys
-    )
-    assert code == 0, err
-    code, _, err = run_cli(
-        ["index", "build", digits_folder, "--out", tmp_path / "one", *args], capsys
-    )
-    assert code == 0, err
+    _build_merged_and_one(shards, digits_folder, tmp_path, args, capsys)
     xq = np.load(shards / "shard-00000-of-00001.npy")[::10]
     _same_results(_index(tmp_path / "merged"), _index(tmp_path / "one"), xq)
     code, out, err = run_cli(["index", "build", "--from-shards", shards, "--out",
@@ -247,14 +248,7 @@ def test_two_ranks_with_torchrun_give_the_index_built_in_one_go(
 
     # IVF with fewer lists visited than exist: equal results need the same quantizer and lists.
     args = ["--model", ckpt, "--index", "IVF4,Flat", "--nprobe", "2", "--device", "cpu"]
-    code, _, err = run_cli(
-        ["index", "build", "--from-shards", shards, "--out", tmp_path / "merged", *args], capsys
-    )
-    assert code == 0, err
-    code, _, err = run_cli(
-        ["index", "build", digits_folder, "--out", tmp_path / "one", *args], capsys
-    )
-    assert code == 0, err
+    _build_merged_and_one(shards, digits_folder, tmp_path, args, capsys)
     _same_results(_index(tmp_path / "merged"), _index(tmp_path / "one"), together[::7])
     code, _, err = run_cli(["index", "build", "--from-shards", shards, "--out",
                             tmp_path / "on-disk", "--on-disk", *args], capsys)
