@@ -8,16 +8,31 @@ over the target (``os.replace`` is atomic on POSIX and Windows).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from retrieval.errors import UserError
+
+try:  # POSIX; elsewhere there is no inter-process lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -74,35 +89,228 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(fh, array, allow_pickle=False)
 
 
+#: ``renameat2`` flag that swaps two paths in one step (Linux 3.15+; ``<linux/fs.h>``).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+class FolderBusyError(UserError):
+    """Another process holds the lock of a folder."""
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` absolute with symbolic links and ``..`` resolved: one name per folder, so that
+    a lock or a swap through a link acts on the folder itself, not on the link."""
+    return Path(os.path.realpath(path))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, changing nothing, where the system or file system cannot.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, TypeError):  # no C library, or a libc without renameat2
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def check_replaceable(
+    path: Path, owned: Callable[[Path], bool] | None, what: str
+) -> None:
+    """Refuse to put a new folder at ``path`` when something there is not ours to replace.
+
+    A missing path or an empty folder may be replaced; anything else only when ``owned(path)``
+    says the folder is one this program wrote (an index, a report).
+
+    Raises:
+        UserError: ``path`` is a file, or a folder whose content is not ours; nothing is touched.
+    """
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not {what}; it was left untouched: choose another path")
+    entries = _entries(path)
+    if not entries or (owned is not None and owned(path)):
+        return
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise UserError(
+        f"{path} is a folder that is not {what} (it holds {shown}); it was left untouched: "
+        "choose a new or empty folder"
+    )
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike,
+    owned: Callable[[Path], bool] | None = None,
+    what: str = "a folder written by this program",
+) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it takes the place of ``path``.
 
-    An existing ``path`` is moved aside, the new folder renamed in, then the old one deleted;
-    a crash in between leaves the old folder next to it as ``.NAME.old-*``, never a half-written
-    one under ``path``.
+    Only a missing path, an empty folder, or a folder ``owned`` accepts (one of ours: see
+    :func:`check_replaceable`) is ever replaced. A symbolic link is followed: the folder it
+    points to is replaced, the link stays.
+
+    The new folder is complete and fsync'd before it is swapped in. On Linux the swap is one
+    atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere it takes three renames (the complete new
+    folder to ``.NAME.new-*``, the old one to ``.NAME.old-*``, the new one to ``path``), and
+    :func:`recover_dir` finishes a swap a crash interrupted. Either way ``path`` holds the old
+    folder or the complete new one, or can be brought back to one of them.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    path = real_path(path)
+    check_replaceable(path, owned, what)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        check_replaceable(path, owned, what)  # something may have appeared there meanwhile
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            old.rmdir()
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        _swap_in(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # unfinished, or the old folder after an exchange
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    parent = path.parent
+    if not path.exists():
+        os.rename(tmp, path)
+        fsync_dir(parent)
+        return
+    if _exchange(tmp, path):
+        fsync_dir(parent)  # tmp now holds the old folder; the caller deletes it
+        return
+    token = secrets.token_hex(4)
+    new, old = parent / f".{path.name}.new-{token}", parent / f".{path.name}.old-{token}"
+    os.rename(tmp, new)
+    fsync_dir(parent)
+    os.rename(path, old)
+    os.rename(new, path)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+#: Names :func:`atomic_dir` gives, after ``.NAME.``: the folder being filled (``mkdtemp``'s eight
+#: random characters), the complete new copy, the old copy (``mkdtemp``'s or a hex token).
+_LEFTOVER = {
+    "tmp": re.compile(r"[a-z0-9_]{8}\.tmp"),
+    "new": re.compile(r"new-[0-9a-f]{8}"),
+    "old": re.compile(r"old-[a-z0-9_]{8}"),
+}
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """Sibling folders named by :func:`atomic_dir` for ``path``: ``new``, ``old`` or ``tmp``."""
+    prefix = f".{path.name}."
+    pattern = _LEFTOVER[kind]
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            name = entry.name
+            if (
+                name.startswith(prefix)
+                and pattern.fullmatch(name[len(prefix) :])
+                and entry.is_dir(follow_symlinks=False)
+            ):
+                out.append(Path(entry.path))
+    return sorted(out, key=lambda p: p.stat().st_mtime)
+
+
+def recover_dir(path: str | os.PathLike, clean: bool = False) -> bool:
+    """Finish a folder swap of :func:`atomic_dir` that a crash interrupted.
+
+    When ``path`` is missing but a complete new copy (``.NAME.new-*``) is beside it, the swap
+    is rolled forward; with only the old copy (``.NAME.old-*``), back. Call it while holding
+    :func:`folder_lock`; with ``clean``, also delete what interrupted writes left behind
+    (unfinished ``.NAME.*.tmp`` folders, old copies no longer needed).
+
+    Returns:
+        Whether ``path`` was brought back.
+    """
+    path = real_path(path)
+    restored = False
+    if not os.path.lexists(path):
+        pick = (_leftovers(path, "new") or _leftovers(path, "old") or [None])[-1]
+        if pick is not None:
+            os.rename(pick, path)
+            fsync_dir(path.parent)
+            logger.warning("%s was missing after an interrupted write; restored it from %s",
+                           path, pick.name)
+            restored = True
+    if clean and path.exists():
+        for leftover in _leftovers(path, "new") + _leftovers(path, "old") + _leftovers(
+            path, "tmp"
+        ):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return restored
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, timeout: float = 0.0) -> Iterator[Path]:
+    """Hold the inter-process lock of a folder: ``.NAME.lock`` beside its real path, so every
+    name of the folder (a symbolic link, ``a/../b``) takes the same lock. Yields the real path.
+
+    Args:
+        timeout: seconds to wait for the lock; 0 = fail at once.
+
+    Raises:
+        FolderBusyError: another process holds it.
+    """
+    path = real_path(path)
+    if fcntl is None:  # pragma: no cover - no inter-process lock on this platform
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path.parent / f".{path.name}.lock", "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise FolderBusyError(f"{path} is locked by another process") from None
+                time.sleep(0.05)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_present(path: str | os.PathLike, timeout: float = 30.0) -> None:
+    """Bring back a folder an interrupted swap left missing (see :func:`recover_dir`) before
+    reading it. A writer mid-swap holds the folder's lock: wait for it to finish instead."""
+    path = real_path(path)
+    deadline = time.monotonic() + timeout
+    while not os.path.lexists(path) and (_leftovers(path, "new") or _leftovers(path, "old")):
+        try:
+            with folder_lock(path):
+                recover_dir(path)
+            return
+        except FolderBusyError:
+            if time.monotonic() >= deadline:
+                raise UserError(f"{path} is being replaced by another process; try again "
+                                "when it has finished") from None
+            time.sleep(0.05)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

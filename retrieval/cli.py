@@ -342,6 +342,8 @@ def index_build(
     on_disk: bool = typer.Option(False, "--on-disk", help="IVF types: keep the inverted lists "
                                  "in OUT/index.ivfdata, memory-mapped, never all in memory "
                                  "(built one shard at a time; the index is then read-only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT when it is an "
+                                   "index folder already (anything else there is refused)."),
     split: str | None = typer.Option(None, help="Split (built-in or CSV split column)."),
     classes: str | None = typer.Option(None, help="Keep these classes, e.g. 5-9."),
     data_root: Path | None = typer.Option(None, help="Folder of the built-in dataset."),
@@ -349,12 +351,19 @@ def index_build(
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
     import shutil
+    import tempfile
 
-    from retrieval.index import parse_memory
+    from retrieval.atomic import check_replaceable, real_path
+    from retrieval.index import is_index_folder, parse_memory
     from retrieval.search import index_lock
 
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    # before any work: never replace what is not an index, nor an index unasked
+    if is_index_folder(out) and not overwrite:
+        raise UserError(f"{out} holds an index already; pass --overwrite to replace it, or "
+                        "choose another --out")
+    check_replaceable(real_path(out), is_index_folder, "an index folder")
     budget = parse_memory(memory_budget)
     if (source is None) == (from_shards is None):
         raise UserError("give either a gallery SOURCE or --from-shards DIR")
@@ -365,7 +374,11 @@ def index_build(
         index_type=index_type, memory_budget=budget,
     )
     # on-disk lists are merged here, then renamed into OUT: the same file system
-    work = out.parent / f".{out.name}.lists" if on_disk else None
+    work = None
+    if on_disk:
+        real_out = real_path(out)
+        real_out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.lists-", dir=real_out.parent))
     try:
         if from_shards is not None:
             from retrieval.shards import build_index_from_shards
@@ -382,6 +395,8 @@ def index_build(
                                        on_disk=work)
         index.set_search_defaults(nprobe=nprobe, ef_search=ef_search)
         with index_lock(out):
+            if is_index_folder(out) and not overwrite:  # built by another process meanwhile
+                raise UserError(f"{out} holds an index already; pass --overwrite to replace it")
             index.save(out)
     finally:
         if work is not None:
@@ -610,6 +625,11 @@ def evaluate_cmd(
 
     if (model is None) == (not pixels):
         raise UserError("give either --model CHECKPOINT or --pixels")
+    if report is not None:  # before the work, not after it
+        from retrieval.atomic import check_replaceable, real_path
+        from retrieval.report import is_report_folder
+
+        check_replaceable(real_path(report), is_report_folder, "a report folder")
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if map_method not in MAP_METHODS:
@@ -702,8 +722,17 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Put evaluated runs side by side: a table of metrics and overlaid recall@k curves."""
-    from retrieval.report import comparison_table, load_run, unique_names, write_comparison
+    from retrieval.atomic import check_replaceable, real_path
+    from retrieval.report import (
+        comparison_table,
+        is_comparison_folder,
+        load_run,
+        unique_names,
+        write_comparison,
+    )
 
+    if out is not None:
+        check_replaceable(real_path(out), is_comparison_folder, "a comparison folder")
     loaded = [load_run(p) for p in runs]
     if as_json:
         doc = {n: r.metrics for n, r in zip(unique_names(loaded), loaded, strict=True)}

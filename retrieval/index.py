@@ -65,7 +65,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_dir, file_sha256, fsync_dir
+from retrieval.atomic import atomic_dir, ensure_present, file_sha256, fsync_dir, real_path
 from retrieval.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ MANIFEST_FILE = "manifest.json"
 IVFDATA_FILE = "index.ivfdata"
 #: Changes since the snapshot (see the module docstring).
 JOURNAL_FILE = "journal.jsonl"
+#: Every file an index folder may hold; a folder with anything else is not replaced.
+INDEX_FILES = frozenset({INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IVFDATA_FILE, JOURNAL_FILE})
 #: :meth:`GalleryIndex.commit` writes a new snapshot instead of appending once the journal is
 #: larger than this fraction of ``index.faiss`` and than :data:`JOURNAL_MIN_BYTES`.
 JOURNAL_COMPACT_FRACTION = 0.25
@@ -801,7 +803,7 @@ class GalleryIndex:
         journal = directory / JOURNAL_FILE
         appendable = (
             self._folder is not None
-            and self._folder == directory.resolve()
+            and self._folder == real_path(directory)
             and (directory / INDEX_FILE).is_file()
         )
         if appendable:
@@ -986,13 +988,19 @@ class GalleryIndex:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the index folder atomically: the old folder stays whole until the new one is
-        complete."""
-        with atomic_dir(directory) as tmp:
+        complete.
+
+        Raises:
+            UserError: ``directory`` is a file, or a folder that is not an index folder
+                (:func:`is_index_folder`); it is left untouched.
+        """
+        directory = real_path(directory)  # through a link: the folder itself is replaced
+        with atomic_dir(directory, owned=is_index_folder, what="an index folder") as tmp:
             files = [INDEX_FILE, METADATA_FILE]
             if self.lists_file is not None:
                 # the lists move (a rename: keep the work folder on the index's file system);
                 # the index file records their name, found beside it (IO_FLAG_ONDISK_SAME_DIR)
-                if self.lists_file.parent.resolve() == Path(directory).resolve():
+                if real_path(self.lists_file.parent) == directory:
                     raise UserError("an on-disk index cannot be saved again; rebuild it")
                 os.replace(self.lists_file, tmp / IVFDATA_FILE)
                 files.append(IVFDATA_FILE)
@@ -1012,9 +1020,9 @@ class GalleryIndex:
                 json.dumps(asdict(self.manifest), indent=2) + "\n", encoding="utf-8"
             )
         if self.lists_file is not None:
-            self.lists_file = Path(directory) / IVFDATA_FILE
+            self.lists_file = directory / IVFDATA_FILE
         self._pending.clear()
-        self._folder, self._journal_bytes = Path(directory).resolve(), 0
+        self._folder, self._journal_bytes = directory, 0
 
     @classmethod
     def load(
@@ -1092,7 +1100,7 @@ class GalleryIndex:
                         "memory-mapped"
                     )
                 out._journal_bytes = out._replay(journal)
-            out._folder = directory.resolve()
+            out._folder = real_path(directory)
         except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(
                 f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
@@ -1127,6 +1135,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     """The manifest of an index folder, with a clear error when it is not one."""
     directory = Path(directory)
     path = directory / MANIFEST_FILE
+    ensure_present(directory)  # a swap a crash interrupted is finished first
     if not directory.is_dir():
         raise UserError(
             f"{directory}: no such index folder (build one with `retrieval index build`)"
@@ -1145,3 +1154,21 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is damaged ({exc}); rebuild the index") from None
     return manifest
+
+
+def is_index_folder(directory: str | os.PathLike) -> bool:
+    """Whether a folder is an index folder written by this program: a manifest of ours, and no
+    file an index does not have. Only such a folder is ever replaced by :meth:`GalleryIndex.save`
+    (a user's folder given as ``--out`` by mistake is refused, not emptied)."""
+    directory = Path(directory)
+    try:
+        names = set(os.listdir(directory))
+        raw = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(raw, dict)
+        and {"metric", "dim", "model_sha256"} <= set(raw)
+        and names <= INDEX_FILES
+        and all((directory / name).is_file() for name in names)
+    )

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 FORMAT = "metric-retrieval/metrics"
 VERSION = 1
 METRICS_FILE = "metrics.json"
+#: Files of a report folder besides its pictures (``*.png``), and of a comparison folder.
+REPORT_FILES = frozenset({METRICS_FILE, "report.md", "report.html"})
+COMPARISON_FILES = frozenset({"compare.md", "compare.html"})
 #: Ways to draw the embeddings in 2-D.
 MAP_METHODS = ("pca", "tsne")
 #: Points drawn in the 2-D map (a random subsample beyond this; t-SNE is quadratic).
@@ -124,6 +127,28 @@ def metrics_document(ev: Evaluation, info: dict) -> dict:
 # ------------------------------------------------------------------------------------ writer
 
 
+def _holds_only(folder: Path, marker: str, names: frozenset[str]) -> bool:
+    """``marker`` is in ``folder``, and nothing but files named in ``names`` or ``*.png``."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return False
+    return marker in entries and all(
+        (name in names or name.endswith(".png")) and (folder / name).is_file() for name in entries
+    )
+
+
+def is_report_folder(folder: str | os.PathLike) -> bool:
+    """A folder :func:`write_report` wrote (the only kind it replaces)."""
+    return _holds_only(Path(folder), METRICS_FILE, REPORT_FILES)
+
+
+def is_comparison_folder(folder: str | os.PathLike) -> bool:
+    """A folder :func:`write_comparison` wrote (the only kind it replaces)."""
+    return _holds_only(Path(folder), "compare.md", COMPARISON_FILES)
+
+
+
 def write_report(
     out_dir: str | os.PathLike,
     ev: Evaluation,
@@ -169,7 +194,7 @@ def write_report(
     n_eval = len(ev.query_index)
     worst = worst_queries(ev, min(examples, n_eval))
     ev_labels = yq[ev.query_index]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned=is_report_folder, what="a report folder") as tmp:
         images: dict[str, str] = {}
         recall_curves(
             [(info.get("name", "run"), ev.curve["k"], ev.curve["recall"])], tmp / "recall.png"
@@ -483,7 +508,7 @@ def write_comparison(out_dir: str | os.PathLike, runs: Sequence[Run]) -> Path:
     out_dir = Path(out_dir)
     head, body = comparison_table(runs)
     names = unique_names(runs)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, owned=is_comparison_folder, what="a comparison folder") as tmp:
         recall_curves(
             [(n, *_curve_of(r)) for n, r in zip(names, runs, strict=True)], tmp / "recall.png"
         )

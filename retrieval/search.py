@@ -31,15 +31,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from data import images
 from data.datasets import read_ref
 from data.errors import DataError
+from retrieval.atomic import FolderBusyError, folder_lock, recover_dir
 from retrieval.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.embed import embed_images, pick_device
 from retrieval.errors import UserError
 from retrieval.index import GalleryIndex, Hit, Item, UnknownIdError, read_manifest
-
-try:  # POSIX; elsewhere there is no inter-process lock (documented)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -110,29 +106,26 @@ class ReadWriteLock:
 
 @contextlib.contextmanager
 def index_lock(directory: str | os.PathLike) -> Iterator[None]:
-    """Hold the inter-process writer lock of an index folder (``.NAME.lock`` beside it).
+    """Hold the inter-process writer lock of an index folder.
+
+    The lock is keyed by the folder's real path (``.NAME.lock`` beside it), so writers that
+    name the folder differently (a symbolic link, ``a/../idx``) still exclude each other. Once
+    held, a swap a crash interrupted is finished and its leftovers are deleted
+    (:func:`retrieval.atomic.recover_dir`).
 
     Raises:
         UserError: another process (a running server, another ``index add``) holds it.
     """
-    directory = Path(directory)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    path = directory.parent / f".{directory.name}.lock"
-    with open(path, "a+") as fh:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            real = stack.enter_context(folder_lock(directory))
+        except FolderBusyError:
             raise UserError(
-                f"{directory} is being changed by another process (a running `retrieval serve`?); "
-                "change it through that process, or stop it first"
+                f"{directory} is being changed by another process (a running `retrieval "
+                "serve`?); change it through that process, or stop it first"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        recover_dir(real, clean=True)
+        yield
 
 
 # ------------------------------------------------------------------------------ the service
