@@ -13,9 +13,7 @@ DEFAULT_IMAGE_SIZE = 28
 CROP_SCALE = (0.7, 1.0)
 
 
-def eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> v2.Compose:
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the shorter side to ``image_size``, centre-crop a square, scale and normalise."""
     return v2.Compose(
         [

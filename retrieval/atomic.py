@@ -127,9 +127,7 @@ def _entries(path: Path) -> list[str]:
     return sorted(os.listdir(path))
 
 
-def check_replaceable(
-    path: Path, owned: Callable[[Path], bool] | None, what: str
-) -> None:
+def check_replaceable(path: Path, owned: Callable[[Path], bool] | None, what: str) -> None:
     """Refuse to put a new folder at ``path`` when something there is not ours to replace.
 
     A missing path or an empty folder may be replaced; anything else only when ``owned(path)``
@@ -253,13 +251,12 @@ def recover_dir(path: str | os.PathLike, clean: bool = False) -> bool:
         if pick is not None:
             os.rename(pick, path)
             fsync_dir(path.parent)
-            logger.warning("%s was missing after an interrupted write; restored it from %s",
-                           path, pick.name)
+            logger.warning(
+                "%s was missing after an interrupted write; restored it from %s", path, pick.name
+            )
             restored = True
     if clean and path.exists():
-        for leftover in _leftovers(path, "new") + _leftovers(path, "old") + _leftovers(
-            path, "tmp"
-        ):
+        for leftover in _leftovers(path, "new") + _leftovers(path, "old") + _leftovers(path, "tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
     return restored
 
@@ -308,8 +305,9 @@ def ensure_present(path: str | os.PathLike, timeout: float = 30.0) -> None:
             return
         except FolderBusyError:
             if time.monotonic() >= deadline:
-                raise UserError(f"{path} is being replaced by another process; try again "
-                                "when it has finished") from None
+                raise UserError(
+                    f"{path} is being replaced by another process; try again when it has finished"
+                ) from None
             time.sleep(0.05)
 
 

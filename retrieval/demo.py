@@ -24,14 +24,14 @@ import torch
 from data.datasets import load_builtin, read_ref
 from data.fashion_mnist import CLASS_NAMES
 from retrieval.atomic import write_json, write_text
-from retrieval.checkpoint import file_sha256, load_model, preprocessing
-from retrieval.embed import embed_dataset, pick_device
-from retrieval.evaluate import evaluate_embeddings, pixel_vectors
-from retrieval.index import GalleryIndex
-from retrieval.metrics import DEFAULT_KS
-from retrieval.models import build_model
-from retrieval.plots import Tile, neighbour_grid, training_curves
-from retrieval.train import ProgressFn, TrainConfig, channel_stats, seed_everything, train
+from retrieval.evaluation.evaluate import evaluate_embeddings, pixel_vectors
+from retrieval.evaluation.metrics import DEFAULT_KS
+from retrieval.evaluation.plots import Tile, neighbour_grid, training_curves
+from retrieval.index.gallery import GalleryIndex
+from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
+from retrieval.model.embed import embed_dataset, pick_device
+from retrieval.model.networks import build_model
+from retrieval.training.loop import ProgressFn, TrainConfig, channel_stats, seed_everything, train
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def run_demo(
     mean, std = channel_stats(seen, seed=cfg.seed)
     from data.transforms import eval_transform
 
-    emb = embed_dataset(untrained, test.with_transform(eval_transform(cfg.image_size, mean, std)),
-                        device=dev)
+    emb = embed_dataset(
+        untrained, test.with_transform(eval_transform(cfg.image_size, mean, std)), device=dev
+    )
     table["untrained network"] = evaluate_embeddings(emb, test.labels, DEFAULT_KS)
 
     stage(f"training on seen classes 0-4 for {epochs} epochs")
@@ -90,8 +91,13 @@ def run_demo(
 
     stage("indexing the unseen test images and searching them")
     index = GalleryIndex.build(
-        emb, test.refs, test.labels, test.class_names, metric="cosine",
-        model_sha256=file_sha256(ckpt), model_path=str(ckpt.resolve()),
+        emb,
+        test.refs,
+        test.labels,
+        test.class_names,
+        metric="cosine",
+        model_sha256=file_sha256(ckpt),
+        model_path=str(ckpt.resolve()),
         preprocessing={k: state["model_config"][k] for k in ("image_size", "mean", "std")},
     )
     index.save(out / "index")
@@ -105,20 +111,26 @@ def run_demo(
     for q in range(len(queries)):
         hits = index.hits(d[q], ids[q])
         q_label = CLASS_NAMES[queries.labels[q]]
-        tiles = [Tile(read_ref(h.ref, data_root), f"{h.label}\n{h.score:.3f}", h.label == q_label)
-                 for h in hits]
+        tiles = [
+            Tile(read_ref(h.ref, data_root), f"{h.label}\n{h.score:.3f}", h.label == q_label)
+            for h in hits
+        ]
         rows.append((Tile(queries.image(q), f"query: {q_label}"), tiles))
-        searches.append({"query": queries.refs[q], "label": q_label,
-                         "results": [vars(h) for h in hits]})
+        searches.append(
+            {"query": queries.refs[q], "label": q_label, "results": [vars(h) for h in hits]}
+        )
     neighbour_grid(rows, out / "queries.png")
 
     seconds = time.perf_counter() - t0
     result = {
         "protocol": "Fashion-MNIST; train on classes 0-4 (train split); evaluate leave-one-out "
-                    "on classes 5-9 (test split)",
+        "on classes 5-9 (test split)",
         "table": table,
-        "training": {"epochs": epochs, "best_epoch": summary["epoch"],
-                     "config": str(out / "run" / "config.yaml")},
+        "training": {
+            "epochs": epochs,
+            "best_epoch": summary["epoch"],
+            "config": str(out / "run" / "config.yaml"),
+        },
         "checkpoint": str(ckpt),
         "index": str(out / "index"),
         "searches": searches,
@@ -129,8 +141,9 @@ def run_demo(
     return result
 
 
-def demo_config(run: str | os.PathLike, epochs: int, data_root: str | None = None,
-                device: str = "auto") -> TrainConfig:
+def demo_config(
+    run: str | os.PathLike, epochs: int, data_root: str | None = None, device: str = "auto"
+) -> TrainConfig:
     """The demo's training recipe (README, "Results").
 
     Chosen by measuring on the unseen classes while developing the recipe: the small convnet,
@@ -139,9 +152,17 @@ def demo_config(run: str | os.PathLike, epochs: int, data_root: str | None = Non
     head's output indexed instead, training makes unseen-class MAP@R *worse* as it fits the
     seen classes.
     """
-    return TrainConfig(data="fashion-mnist", data_root=data_root, classes="0-4", epochs=epochs,
-                       embedding="features", lr=DEMO_LR, augment=False, device=device,
-                       out=str(run))
+    return TrainConfig(
+        data="fashion-mnist",
+        data_root=data_root,
+        classes="0-4",
+        epochs=epochs,
+        embedding="features",
+        lr=DEMO_LR,
+        augment=False,
+        device=device,
+        out=str(run),
+    )
 
 
 def _pick_queries(train_split, seed: int):
@@ -159,12 +180,15 @@ def _markdown(table: dict[str, dict], seconds: float) -> str:
     head = "| model | " + " | ".join(f"R@{k}" for k in DEFAULT_KS) + " | MAP@R |\n"
     head += "|---" * (len(DEFAULT_KS) + 2) + "|\n"
     body = "".join(
-        f"| {name} | " + " | ".join(f"{m[f'recall@{k}']:.3f}" for k in DEFAULT_KS)
+        f"| {name} | "
+        + " | ".join(f"{m[f'recall@{k}']:.3f}" for k in DEFAULT_KS)
         + f" | {m['map@r']:.3f} |\n"
         for name, m in table.items()
     )
     return (
         "# Demo results\n\nFashion-MNIST, trained on classes 0-4 (train split), evaluated "
         "leave-one-out on the unseen classes 5-9 (test split, 5,000 images).\n\n"
-        + head + body + f"\nProduced by `retrieval demo` in {seconds:.0f} s.\n"
+        + head
+        + body
+        + f"\nProduced by `retrieval demo` in {seconds:.0f} s.\n"
     )

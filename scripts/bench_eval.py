@@ -1,4 +1,4 @@
-"""Benchmark: ``retrieval.evaluate.evaluate`` against pytorch-metric-learning's AccuracyCalculator.
+"""Benchmark: ``retrieval.evaluation.evaluate.evaluate`` against PML's AccuracyCalculator.
 
 Both evaluate the same synthetic embeddings (Gaussian classes, leave-one-out, L2) and must give
 the same precision@1, R-precision, MAP@R, NMI and AMI. Each side runs in its own subprocess so
@@ -58,7 +58,7 @@ def make_data(args) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_ours(x, y) -> dict:
-    from retrieval.evaluate import evaluate
+    from retrieval.evaluation.evaluate import evaluate
 
     t0 = time.perf_counter()
     ev = evaluate(x, y, ks=(1,), metric="l2", clustering=True)
@@ -78,7 +78,7 @@ def run_pml(x, y) -> dict:
 
 
 def child(args) -> None:
-    import retrieval.index  # noqa: F401  both sides get the project's FAISS BLAS block sizes
+    import retrieval.index.gallery  # noqa: F401  both sides get the project's FAISS BLAS block sizes
 
     x, y = make_data(args)
     result = (run_ours if args.only == "ours" else run_pml)(x, y)

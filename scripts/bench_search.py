@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from data.datasets import load_builtin
-from retrieval.checkpoint import file_sha256, load_model, preprocessing
-from retrieval.embed import embed_dataset
-from retrieval.index import INDEX_FILE, GalleryIndex, nlist_for
+from retrieval.index.gallery import INDEX_FILE, GalleryIndex, nlist_for
+from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
+from retrieval.model.embed import embed_dataset
 
 logger = logging.getLogger("bench_search")
 

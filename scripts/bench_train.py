@@ -1,4 +1,4 @@
-"""Training throughput: ``retrieval.train`` against a plain pytorch-metric-learning loop.
+"""Training throughput: ``retrieval.training.loop`` against a plain pytorch-metric-learning loop.
 
 Both train the same model (the small convnet) with the same loss (triplet, margin 0.2), miner
 (semi-hard), optimizer (Adam) and P x K batches on the same images, one after the other in one
@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from data.datasets import load_builtin
 from data.transforms import train_transform
-from retrieval.models import build_model
-from retrieval.train import TrainConfig, channel_stats, seed_everything, train
+from retrieval.model.networks import build_model
+from retrieval.training.loop import TrainConfig, channel_stats, seed_everything, train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,8 @@ def plain_loop(args: argparse.Namespace) -> float:
 
 
 def framework(args: argparse.Namespace) -> float:
-    """Images/s of ``retrieval.train`` on the same work (last epoch, validation not timed)."""
+    """Images/s of ``retrieval.training.loop`` on the same work (last epoch, validation not
+    timed)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             data="fashion-mnist",
@@ -88,7 +89,7 @@ def framework(args: argparse.Namespace) -> float:
         )
         records: list[dict] = []
         # the same number of steps per epoch as the plain loop
-        import retrieval.train as train_module
+        import retrieval.training.loop as train_module
 
         real = train_module.load_training_data
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from data.datasets import load_builtin
 from data.transforms import eval_transform
 from retrieval.atomic import write_json, write_text
-from retrieval.checkpoint import load_model, preprocessing
 from retrieval.demo import SEEN, UNSEEN, demo_config
-from retrieval.embed import embed_dataset, pick_device
-from retrieval.evaluate import evaluate_embeddings, pixel_vectors
-from retrieval.metrics import DEFAULT_KS
-from retrieval.models import build_model
-from retrieval.objectives import NAMED_LOSSES, TRAINING_LOSSES
-from retrieval.train import channel_stats, seed_everything, train
+from retrieval.evaluation.evaluate import evaluate_embeddings, pixel_vectors
+from retrieval.evaluation.metrics import DEFAULT_KS
+from retrieval.model.checkpoint import load_model, preprocessing
+from retrieval.model.embed import embed_dataset, pick_device
+from retrieval.model.networks import build_model
+from retrieval.training.loop import channel_stats, seed_everything, train
+from retrieval.training.objectives import NAMED_LOSSES, TRAINING_LOSSES
 
 logger = logging.getLogger("compare_losses")
 
@@ -118,7 +118,7 @@ def markdown(
         f"Same budget for every loss — the demo's recipe: small convnet, {epochs} epoch(s), "
         "P x K = 4 x 32 batches, Adam lr 1e-4, no augmentation, backbone features indexed "
         "(`embedding: features`), 128-d projection head seen by the loss, seed 0; each loss with "
-        "its natural miner (`retrieval.objectives.TRAINING_LOSSES`).\n\n"
+        "its natural miner (`retrieval.training.objectives.TRAINING_LOSSES`).\n\n"
         + head
         + "".join(rows)
         + f"\n{honest}\n\n"

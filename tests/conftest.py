@@ -47,15 +47,25 @@ class NoCapture:
         return "", ""
 
 
-def run_torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300
-                 ) -> subprocess.CompletedProcess:
+def run_torchrun(
+    args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node NPROC -m retrieval ARGS`` in a clean environment
     (one thread per process, none of the variables of an enclosing torchrun)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "retrieval", *[str(a) for a in args]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "retrieval",
+        *[str(a) for a in args],
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -121,9 +131,25 @@ def fake_fmnist(tmp_path_factory) -> Path:
 def trained_run(tmp_path_factory, digits_folder) -> Path:
     """A run folder trained for one epoch on the digits folder through the CLI."""
     run = tmp_path_factory.mktemp("run") / "run"
-    args = ["train", "--data", digits_folder, "--classes", "", "--epochs", "1",
-            "--batch-size", "40", "--m-per-class", "4", "--image-size", "16",
-            "--device", "cpu", "--out", run]
+    args = [
+        "train",
+        "--data",
+        digits_folder,
+        "--classes",
+        "",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "40",
+        "--m-per-class",
+        "4",
+        "--image-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        run,
+    ]
     try:
         main([str(a) for a in args])
     except SystemExit as exc:

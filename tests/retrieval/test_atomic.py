@@ -133,15 +133,18 @@ with atomic.atomic_dir(target, owned=lambda p: True) as tmp:
 
 @pytest.mark.parametrize("exchange", [False, True])
 @pytest.mark.parametrize("n_rename", [1, 2, 3, 4])
-def test_a_swap_killed_at_any_rename_leaves_the_old_or_the_new_folder(tmp_path, exchange,
-                                                                     n_rename):
+def test_a_swap_killed_at_any_rename_leaves_the_old_or_the_new_folder(tmp_path, exchange, n_rename):
     target = tmp_path / "d"
     with atomic_dir(target) as tmp:
         (tmp / "x").write_text("old")
         (tmp / "y").write_text("old")
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _CRASH, str(target), str(n_rename),
-                           str(int(exchange))], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH, str(target), str(n_rename), str(int(exchange))],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
     ensure_present(target)  # what a reader does first
     contents = {(target / "x").read_text(), (target / "y").read_text()}

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from retrieval.checkpoint import FORMAT
-from retrieval.evaluate import evaluate_embeddings
+from retrieval.evaluation.evaluate import evaluate_embeddings
+from retrieval.model.checkpoint import FORMAT
 from tests.conftest import PER_CLASS, run_cli
-from tests.retrieval.test_metrics import brute_force
+from tests.retrieval.evaluation.test_metrics import brute_force
 
 
 def test_train_writes_a_complete_run(trained_run):
@@ -34,11 +34,23 @@ def test_train_writes_a_complete_run(trained_run):
 
 def test_train_config_file_and_overrides(tmp_path, digits_folder, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"epochs": 5, "batch_size": 40, "m_per_class": 8,
-                                   "image_size": 12, "classes": "0-4", "data": str(digits_folder),
-                                   "val_fraction": 0.2}))
-    code, out, err = run_cli(["train", "--config", cfg, "--epochs", "1", "--out",
-                              tmp_path / "run", "--device", "cpu"], capsys)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "epochs": 5,
+                "batch_size": 40,
+                "m_per_class": 8,
+                "image_size": 12,
+                "classes": "0-4",
+                "data": str(digits_folder),
+                "val_fraction": 0.2,
+            }
+        )
+    )
+    code, out, err = run_cli(
+        ["train", "--config", cfg, "--epochs", "1", "--out", tmp_path / "run", "--device", "cpu"],
+        capsys,
+    )
     assert code == 0, err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["epochs"] == 1  # the command line wins
@@ -52,8 +64,19 @@ def test_train_config_file_and_overrides(tmp_path, digits_folder, capsys):
 
 
 def test_embed(trained_run, digits_folder, tmp_path, capsys):
-    code, out, err = run_cli(["embed", digits_folder, "--model", trained_run / "best.pt",
-                              "--out", tmp_path / "emb.npy", "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "embed",
+            digits_folder,
+            "--model",
+            trained_run / "best.pt",
+            "--out",
+            tmp_path / "emb.npy",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     emb = np.load(tmp_path / "emb.npy")
     ids = json.loads((tmp_path / "emb.ids.json").read_text())
@@ -63,13 +86,26 @@ def test_embed(trained_run, digits_folder, tmp_path, capsys):
 
 
 def test_evaluate_matches_brute_force(trained_run, digits_folder, tmp_path, capsys):
-    run_cli(["embed", digits_folder, "--model", trained_run / "best.pt", "--out",
-             tmp_path / "e.npy"], capsys)
+    run_cli(
+        ["embed", digits_folder, "--model", trained_run / "best.pt", "--out", tmp_path / "e.npy"],
+        capsys,
+    )
     emb = np.load(tmp_path / "e.npy")
-    labels = np.array([it["label"] for it in json.loads((tmp_path / "e.ids.json").read_text())
-                       ["items"]])
-    code, out, err = run_cli(["evaluate", digits_folder, "--model", trained_run / "best.pt",
-                              "--json", "--ks", "1,2,4,8"], capsys)
+    labels = np.array(
+        [it["label"] for it in json.loads((tmp_path / "e.ids.json").read_text())["items"]]
+    )
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            digits_folder,
+            "--model",
+            trained_run / "best.pt",
+            "--json",
+            "--ks",
+            "1,2,4,8",
+        ],
+        capsys,
+    )
     assert code == 0, err
     got = json.loads(out)
     want = brute_force(emb, labels, (1, 2, 4, 8))
@@ -81,23 +117,27 @@ def test_evaluate_matches_brute_force(trained_run, digits_folder, tmp_path, caps
     pixels = json.loads(out)
     assert pixels["model"] == "raw pixels"
     from data.datasets import open_source
-    from retrieval.evaluate import pixel_vectors
+    from retrieval.evaluation.evaluate import pixel_vectors
 
     ds = open_source(str(digits_folder))
     assert pixels["map@r"] == pytest.approx(
-        evaluate_embeddings(pixel_vectors(ds), ds.labels)["map@r"])
+        evaluate_embeddings(pixel_vectors(ds), ds.labels)["map@r"]
+    )
 
 
 def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
     index = tmp_path / "idx"
-    code, out, err = run_cli(["index", "build", digits_folder, "--model",
-                              trained_run / "best.pt", "--out", index], capsys)
+    code, out, err = run_cli(
+        ["index", "build", digits_folder, "--model", trained_run / "best.pt", "--out", index],
+        capsys,
+    )
     assert code == 0, err
     code, out, _ = run_cli(["index", "info", index], capsys)
     assert code == 0 and "cosine" in out and str(10 * PER_CLASS) in out
     query = sorted((digits_folder / "digit3").iterdir())[0]
-    code, out, err = run_cli(["search", index, query, "--k", "5", "--json",
-                              "--out", tmp_path / "grid.png"], capsys)
+    code, out, err = run_cli(
+        ["search", index, query, "--k", "5", "--json", "--out", tmp_path / "grid.png"], capsys
+    )
     assert code == 0, err
     results = json.loads(out)["queries"][0]["results"]
     assert len(results) == 5
@@ -111,13 +151,23 @@ def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_image", "corrupt_image", "text_file", "wrong_index", "other_model",
-     "bad_checkpoint", "missing_source", "bad_k"],
+    [
+        "missing_image",
+        "corrupt_image",
+        "text_file",
+        "wrong_index",
+        "other_model",
+        "bad_checkpoint",
+        "missing_source",
+        "bad_k",
+    ],
 )
 def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path, capsys):
     index = tmp_path / "idx"
-    run_cli(["index", "build", digits_folder, "--model", trained_run / "best.pt",
-             "--out", index], capsys)
+    run_cli(
+        ["index", "build", digits_folder, "--model", trained_run / "best.pt", "--out", index],
+        capsys,
+    )
     good = sorted((digits_folder / "digit1").iterdir())[0]
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
@@ -127,8 +177,9 @@ def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path
     bad_ckpt.write_bytes(b"garbage")
     other = tmp_path / "other.pt"
     state = torch.load(trained_run / "best.pt", weights_only=True)
-    state["model"] = {k: v + 0.01 if v.is_floating_point() else v
-                      for k, v in state["model"].items()}
+    state["model"] = {
+        k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()
+    }
     torch.save(state, other)
     args = {
         "missing_image": ["search", index, tmp_path / "nope.png"],
@@ -161,7 +212,9 @@ def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "retrieval", "search", str(tmp_path / "none"), "x.png"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
@@ -169,8 +222,20 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
 
 
 def test_demo_on_a_small_stand_in(fake_fmnist, tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--out", tmp_path / "demo", "--epochs", "1",
-                              "--data-root", fake_fmnist, "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "demo",
+            "--out",
+            tmp_path / "demo",
+            "--epochs",
+            "1",
+            "--data-root",
+            fake_fmnist,
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(result["table"]) == {"raw pixels", "untrained network", "trained network"}

@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from retrieval.index import GalleryIndex
-from retrieval.search import index_lock
+from retrieval.index.gallery import GalleryIndex
+from retrieval.serving.service import index_lock
 from tests.conftest import REPO, build_index, run_cli
 
 
 def _tree(folder):
-    return sorted((p.relative_to(folder).as_posix(), p.read_bytes()) for p in
-                  folder.rglob("*") if p.is_file())
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    )
 
 
 @pytest.fixture()
@@ -39,8 +40,9 @@ def test_index_build_never_deletes_what_is_at_out(trained_run, gallery, tmp_path
     plain.write_text("y")
     source_before = _tree(gallery)
     for out in (user, gallery, plain):
-        code, _, err = run_cli(["index", "build", gallery, "--model", ckpt, "--out", out,
-                                "--device", "cpu"], capsys)
+        code, _, err = run_cli(
+            ["index", "build", gallery, "--model", ckpt, "--out", out, "--device", "cpu"], capsys
+        )
         assert code == 2, err
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert (user / "thesis.txt").read_text() == "x" and os.listdir(user) == ["thesis.txt"]
@@ -55,8 +57,9 @@ def test_an_index_is_replaced_only_with_overwrite(trained_run, gallery, tmp_path
     before = _tree(idx)
     one = tmp_path / "one"
     shutil.copytree(gallery / "digit0", one / "digit0")
-    code, _, err = run_cli(["index", "build", one, "--model", ckpt, "--out", idx,
-                            "--device", "cpu"], capsys)
+    code, _, err = run_cli(
+        ["index", "build", one, "--model", ckpt, "--out", idx, "--device", "cpu"], capsys
+    )
     assert code == 2 and "--overwrite" in err
     assert _tree(idx) == before
     build_index(one, ckpt, idx, "--overwrite")
@@ -70,28 +73,60 @@ def test_reports_never_replace_a_users_folder(trained_run, gallery, tmp_path, ca
     user = tmp_path / "mine"
     user.mkdir()
     (user / "keep.txt").write_text("z")
-    code, _, err = run_cli(["evaluate", gallery, "--model", trained_run / "best.pt",
-                            "--report", user, "--device", "cpu", "--no-clustering"], capsys)
+    code, _, err = run_cli(
+        [
+            "evaluate",
+            gallery,
+            "--model",
+            trained_run / "best.pt",
+            "--report",
+            user,
+            "--device",
+            "cpu",
+            "--no-clustering",
+        ],
+        capsys,
+    )
     assert code == 2 and "left untouched" in err
     assert os.listdir(user) == ["keep.txt"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.parametrize("syscall,when", [("rename", 1), ("rename", 2), ("rename", 3),
-                                          ("renameat2", 1)])
-def test_compact_killed_in_its_swap_leaves_an_index(trained_run, gallery, tmp_path, capsys,
-                                                   syscall, when):
+@pytest.mark.parametrize(
+    "syscall,when", [("rename", 1), ("rename", 2), ("rename", 3), ("renameat2", 1)]
+)
+def test_compact_killed_in_its_swap_leaves_an_index(
+    trained_run, gallery, tmp_path, capsys, syscall, when
+):
     """kill -9 at the swap of `index compact` (strace fault injection): the index still loads,
     with every item, and the next writer cleans up."""
     idx = build_index(gallery, trained_run / "best.pt", tmp_path / "idx")
     code, _, err = run_cli(["index", "remove", idx, "0"], capsys)  # a journal to fold in
     assert code == 0, err
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
-                    "-e", f"inject={syscall}:signal=KILL:when={when}", sys.executable, "-m",
-                    "retrieval", "index", "compact", str(idx)], env=env, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"trace={syscall}",
+            "-e",
+            f"inject={syscall}:signal=KILL:when={when}",
+            sys.executable,
+            "-m",
+            "retrieval",
+            "index",
+            "compact",
+            str(idx),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     index = GalleryIndex.load(idx)
     assert len(index) == 2 * len(os.listdir(gallery / "digit0")) - 1 and 0 not in index.items
     code, _, err = run_cli(["index", "compact", idx], capsys)
@@ -99,16 +134,26 @@ def test_compact_killed_in_its_swap_leaves_an_index(trained_run, gallery, tmp_pa
     assert sorted(os.listdir(tmp_path)) == [".idx.lock", "idx", "imgs"]
 
 
-def test_writers_through_a_link_or_dotdot_exclude_each_other(trained_run, gallery, tmp_path,
-                                                            capsys):
+def test_writers_through_a_link_or_dotdot_exclude_each_other(
+    trained_run, gallery, tmp_path, capsys
+):
     idx = build_index(gallery, trained_run / "best.pt", tmp_path / "idx")
     (tmp_path / "link").symlink_to(idx)
     (tmp_path / "a").mkdir()
     n = len(GalleryIndex.load(idx))
     with index_lock(idx):  # a running server holds it
         for alias in (tmp_path / "link", tmp_path / "a" / ".." / "idx"):
-            code, _, err = run_cli(["index", "add", alias, gallery / "digit0" / sorted(
-                os.listdir(gallery / "digit0"))[0], "--device", "cpu"], capsys)
+            code, _, err = run_cli(
+                [
+                    "index",
+                    "add",
+                    alias,
+                    gallery / "digit0" / sorted(os.listdir(gallery / "digit0"))[0],
+                    "--device",
+                    "cpu",
+                ],
+                capsys,
+            )
             assert code == 2 and "another process" in err, err
             code, _, err = run_cli(["index", "remove", alias, "1"], capsys)
             assert code == 2 and "another process" in err, err

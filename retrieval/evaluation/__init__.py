@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics, protocols, reports and their pictures."""

@@ -1,0 +1,1 @@
+"""The gallery index: FAISS vectors with stable ids, metadata, manifest, journal, shards."""

@@ -1,0 +1,1 @@
+"""The embedding model: networks, pretrained weights, checkpoints, embedding, export."""

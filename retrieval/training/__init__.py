@@ -1,0 +1,1 @@
+"""Training an embedding network: loop, objectives, schedule, random state, several processes."""

@@ -1,0 +1,101 @@
+"""The embedding network and its checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval.errors import UserError
+from retrieval.model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from retrieval.model.networks import BACKBONES, build_model
+
+
+@pytest.mark.parametrize("arch,size", [("small", 28), ("small", 16), ("resnet18", 32)])
+@pytest.mark.parametrize("embedding", ["head", "features"])
+def test_outputs_are_unit_vectors_of_the_announced_size(arch, size, embedding):
+    torch.manual_seed(0)
+    model = build_model(arch, 64, embedding).eval()
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        head = model.head_embedding(x)
+    assert out.shape == (3, model.output_dim)
+    assert head.shape == (3, 64)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(head.norm(dim=1), torch.ones(3))
+    if embedding == "head":
+        assert model.output_dim == 64
+        torch.testing.assert_close(out, head)
+    else:
+        assert model.output_dim == BACKBONES[arch]("small", size, None)[1]
+        torch.testing.assert_close(out, torch.nn.functional.normalize(model.backbone(x), dim=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(set(BACKBONES) - {"small", "resnet18"}))
+def test_every_backbone_embeds_small_images(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 16, "features", image_size=32).train()  # batch-norm on the batch
+    with torch.no_grad():
+        out = model(torch.randn(4, 3, 32, 32))
+        head = model.head_embedding(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, model.output_dim) and head.shape == (4, 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+def test_imagenet_stem_keeps_the_torchvision_stem():
+    small = build_model("mobilenet_v3_small", 8, stem="small")
+    imagenet = build_model("mobilenet_v3_small", 8, stem="imagenet")
+    assert small.backbone.features[0][0].stride == (1, 1)
+    assert imagenet.backbone.features[0][0].stride == (2, 2)
+    with pytest.raises(ValueError, match="stem must be"):
+        build_model("small", 8, stem="tiny")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model("vgg")
+    with pytest.raises(ValueError, match="positive"):
+        build_model("small", 0)
+    with pytest.raises(ValueError, match="embedding must be"):
+        build_model("small", 8, "logits")
+
+
+def test_checkpoint_roundtrip_restores_the_same_function(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("small", 32, "features").eval()
+    cfg = {
+        "arch": "small",
+        "head_dim": 32,
+        "embedding": "features",
+        "embedding_dim": model.output_dim,
+        "image_size": 20,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
+    save_checkpoint(tmp_path / "m.pt", model, cfg, class_names=["a", "b"], epoch=3)
+    restored, state = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+    assert state["epoch"] == 3 and state["class_names"] == ["a", "b"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temporary left
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a foreign pickle
+def test_foreign_files_are_refused(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a metric-retrieval checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    # a pickle that would run code is refused by weights_only loading
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,310 @@
+"""The training loop: repeatable, validated, and safe on a bad loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from data.datasets import open_source
+from retrieval.errors import UserError
+from retrieval.training.loop import TrainConfig, channel_stats, train
+from retrieval.training.objectives import NAMED_LOSSES, TRAINING_LOSSES, Objective
+from tests.conftest import run_cli
+
+
+def _cfg(digits_folder, out, **kw) -> TrainConfig:
+    base = dict(
+        data=str(digits_folder),
+        classes="0-4",
+        epochs=1,
+        batch_size=40,
+        m_per_class=8,
+        image_size=12,
+        device="cpu",
+        out=str(out),
+        val_fraction=0.2,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_same_seed_same_weights(digits_folder, tmp_path):
+    train(_cfg(digits_folder, tmp_path / "a", seed=3))
+    train(_cfg(digits_folder, tmp_path / "b", seed=3))
+    train(_cfg(digits_folder, tmp_path / "c", seed=4))
+    a, b, c = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in "abc")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_features_embedding_is_recorded(digits_folder, tmp_path):
+    summary = train(_cfg(digits_folder, tmp_path / "f", embedding="features", embedding_dim=16))
+    state = torch.load(summary["best_checkpoint"], weights_only=True)
+    assert state["model_config"]["embedding"] == "features"
+    assert state["model_config"]["head_dim"] == 16
+    assert state["model_config"]["embedding_dim"] == 128 * 9  # small convnet, 3x3 grid
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    digits_folder, tmp_path, monkeypatch
+):
+    cfg = _cfg(digits_folder, tmp_path / "run", epochs=2)
+    calls = {"n": 0}
+    real = Objective.forward
+
+    def exploding(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(self, *args, **kwargs)
+        steps_per_epoch = 160 // 40  # 200 images of 5 classes, 20% held out
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss
+
+    monkeypatch.setattr(Objective, "forward", exploding)
+    with pytest.raises(UserError, match="loss became nan at epoch 2"):
+        train(cfg)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+@pytest.mark.parametrize("loss", NAMED_LOSSES)
+def test_every_named_loss_trains_from_the_command_line(loss, digits_folder, tmp_path, capsys):
+    run = tmp_path / loss
+    code, out, err = run_cli(
+        [
+            "train",
+            "--data",
+            digits_folder,
+            "--classes",
+            "0-4",
+            "--loss",
+            loss,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "40",
+            "--m-per-class",
+            "8",
+            "--image-size",
+            "12",
+            "--val-fraction",
+            "0.2",
+            "--device",
+            "cpu",
+            "--out",
+            run,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["train_config"]["loss"] == loss
+    assert all(torch.isfinite(torch.tensor(state["metrics"]["loss"])).reshape(-1))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["miner"] == TRAINING_LOSSES[loss].default_miner
+    if loss == "arcface":  # the class weights are trained and saved
+        assert state["loss"]["loss.pml.W"].shape == (128, 5)
+        last = state["optimizer"]["param_groups"][0]["params"][-1]
+        assert state["optimizer"]["state"][last]["exp_avg"].shape == (128, 5)
+    assert (run / "curves.png").is_file()
+
+
+def test_a_miner_that_does_not_fit_is_refused_on_the_command_line(digits_folder, tmp_path, capsys):
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            digits_folder,
+            "--loss",
+            "contrastive",
+            "--miner",
+            "semi-hard",
+            "--out",
+            tmp_path / "x",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert "miners that fit: all, pair-margin, multi-similarity" in " ".join(err.split())
+
+
+def test_yaml_defaults_command_line_overrides_and_the_resolved_config(
+    digits_folder, tmp_path, capsys
+):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(digits_folder),
+                "classes": "0-4",
+                "loss": "triplet",
+                "epochs": 5,
+                "batch_size": 40,
+                "m_per_class": 8,
+                "image_size": 12,
+                "val_fraction": 0.2,
+                "device": "cpu",
+                "loss_args": {"margin": 0.3},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        [
+            "train",
+            "--config",
+            cfg_file,
+            "--loss",
+            "infonce",
+            "--epochs",
+            "1",
+            "--loss-arg",
+            "temperature=0.2",
+            "--out",
+            run,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["loss"] == "infonce" and resolved["epochs"] == 1
+    assert resolved["loss_args"] == {"temperature": 0.2}  # the command line replaces the mapping
+    assert resolved["batch_size"] == 40
+
+
+def test_resume_continues_exactly_where_it_stopped(digits_folder, tmp_path):
+    whole = train(
+        _cfg(
+            digits_folder,
+            tmp_path / "whole",
+            epochs=3,
+            loss="arcface",
+            schedule="cosine",
+            warmup_epochs=0.5,
+            grad_clip=1.0,
+        )
+    )
+    train(
+        _cfg(
+            digits_folder,
+            tmp_path / "cut",
+            epochs=1,
+            loss="arcface",
+            schedule="cosine",
+            warmup_epochs=0.5,
+            grad_clip=1.0,
+        )
+    )
+    # the run was configured for 3 epochs: only the epoch count (not the schedule) differs
+    cfg = _cfg(
+        digits_folder,
+        tmp_path / "cut",
+        epochs=3,
+        loss="arcface",
+        schedule="cosine",
+        warmup_epochs=0.5,
+        grad_clip=1.0,
+    )
+    first = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert first["epoch"] == 1
+    resumed = train(cfg, resume=True)
+    assert resumed["epochs_run"] == whole["epochs_run"] == 3
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_run(digits_folder, tmp_path):
+    train(_cfg(digits_folder, tmp_path / "run"))
+    with pytest.raises(UserError, match="different loss"):
+        train(_cfg(digits_folder, tmp_path / "run", loss="contrastive"), resume=True)
+    with pytest.raises(UserError, match="no such checkpoint file"):
+        train(_cfg(digits_folder, tmp_path / "empty"), resume=True)
+
+
+def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monkeypatch):
+    import retrieval.training.loop as train_module
+
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    real = train_module.evaluate_embeddings
+    monkeypatch.setattr(
+        train_module, "evaluate_embeddings", lambda *a, **k: real(*a, **k) | {"map@r": next(scores)}
+    )
+    summary = train(
+        _cfg(
+            digits_folder,
+            tmp_path / "run",
+            epochs=5,
+            patience=2,
+            schedule="cosine",
+            warmup_epochs=1.0,
+        )
+    )
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["epoch"] == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(3e-4)  # the last warm-up step reaches the peak
+    assert records[2]["lr"] < records[1]["lr"] < records[0]["lr"]  # then the cosine decays
+
+
+def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch, caplog):
+    import retrieval.training.loop as train_module
+
+    monkeypatch.setattr(
+        train_module,
+        "embed_sharded",
+        lambda model, ds, *a, **k: np.ones((len(ds), 8), dtype=np.float32),
+    )
+    with caplog.at_level("WARNING", logger="retrieval.training.loop"):
+        train(_cfg(digits_folder, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["collapsed"] is True and record["val_mean_cosine"] == pytest.approx(1.0)
+    assert "collapsed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"batch_size": 30, "m_per_class": 8}, "multiple of m_per_class"),
+        ({"batch_size": 8, "m_per_class": 8}, "at least two classes"),
+        ({"batch_size": 48, "m_per_class": 8}, "needs 6 classes"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"embedding": "logits"}, "embedding must be one of"),
+        ({"arch": "vgg"}, "unknown backbone"),
+        ({"loss": "focal"}, "loss must be one of"),
+        ({"miner": "hardest"}, "unknown miner"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"grad_clip": -1.0}, "grad_clip must not be negative"),
+        ({"classes": "3"}, "at least two classes"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+    ],
+)
+def test_impossible_configurations_are_refused(digits_folder, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        train(_cfg(digits_folder, tmp_path / "x", **change))
+
+
+def test_channel_stats_match_numpy(digits_folder):
+    ds = open_source(str(digits_folder))
+    mean, std = channel_stats(ds, max_images=10_000)
+    pixels = torch.stack([ds.image(i) for i in range(len(ds))]).double() / 255
+    want_mean = pixels.mean(dim=(0, 2, 3))
+    want_std = pixels.std(dim=(0, 2, 3), unbiased=False)
+    assert mean == pytest.approx(want_mean.tolist(), abs=1e-4)
+    assert std == pytest.approx(want_std.tolist(), abs=1e-4)
+
+
+def test_every_example_config_is_valid():
+
+    from tests.conftest import REPO
+
+    root = REPO / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.stem for f in files} >= set(NAMED_LOSSES)
+    for f in files:
+        cfg = TrainConfig.from_dict(yaml.safe_load(f.read_text()))
+        cfg.validate()
+        assert cfg.loss == f.stem
