@@ -28,6 +28,13 @@ ENV_VAR = "FASHION_MNIST_DIR"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path.home() / ".cache" / "metric-retrieval" / "fashion-mnist"
 
+#: Side of the images, pixels.
+IMAGE_SIZE = 28
+#: The class-disjoint protocol: train on the seen classes, evaluate on the unseen ones
+#: (``--classes`` syntax, :func:`data.datasets.parse_classes`).
+SEEN_CLASSES = "0-4"
+UNSEEN_CLASSES = "5-9"
+
 CLASS_NAMES = [
     "T-shirt/top",
     "Trouser",

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
-#: Side of the square model input, in pixels (Fashion-MNIST's native size).
-DEFAULT_IMAGE_SIZE = 28
 #: Random-resized-crop area range used by training augmentation (fraction of the image).
 CROP_SCALE = (0.7, 1.0)
 

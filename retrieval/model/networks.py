@@ -41,14 +41,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from retrieval.model.spec import DEFAULT_EMBEDDING_DIM, EMBEDDINGS, STEMS  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
-#: Length of the embedding head's output.
-DEFAULT_EMBEDDING_DIM = 128
-#: What a model outputs for indexing: the head's embedding or the features under it.
-EMBEDDINGS = ("head", "features")
-#: Stems: adapted to small (28-64 px) inputs, or the original ImageNet one.
-STEMS = ("small", "imagenet")
 #: Input side the backbones are built for when none is given (Fashion-MNIST's).
 DEFAULT_BACKBONE_IMAGE_SIZE = 28
 #: ImageNet channel statistics, the normalisation torchvision's pretrained weights expect.

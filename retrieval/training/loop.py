@@ -26,7 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +41,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data.datasets import ImageDataset, open_source, parse_classes
-from data.transforms import DEFAULT_IMAGE_SIZE, eval_transform, train_transform
+from data.transforms import eval_transform, train_transform
 from retrieval.atomic import write_text
 from retrieval.errors import UserError
 from retrieval.evaluation.evaluate import evaluate_embeddings
 from retrieval.evaluation.plots import training_curves
 from retrieval.model.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.model.embed import pick_device
-from retrieval.model.networks import (
-    BACKBONES,
-    DEFAULT_EMBEDDING_DIM,
-    EMBEDDINGS,
-    STEMS,
-    build_model,
-)
+from retrieval.model.networks import build_model
 from retrieval.model.pretrained import input_norm, load_pretrained
 from retrieval.training import rng as rng_state
+from retrieval.training.config import RESUME_OVERRIDABLE, TrainConfig
 from retrieval.training.distributed import (
     HeadEmbedding,
     Rank,
@@ -73,8 +68,8 @@ from retrieval.training.distributed import (
     shared_randomness,
     sync_loss_gradients,
 )
-from retrieval.training.objectives import MINERS, TRAINING_LOSSES, build_objective, pair_cosine
-from retrieval.training.schedule import SCHEDULES, lr_factor
+from retrieval.training.objectives import build_objective, pair_cosine
+from retrieval.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -82,96 +77,6 @@ logger = logging.getLogger(__name__)
 COLLAPSE_COSINE = 0.999
 #: Validation embeddings used for the collapse check.
 COLLAPSE_SAMPLE = 1000
-#: Options that may change when a run is resumed (the others would make it a different run).
-RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "patience")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
-
-    data: str = "fashion-mnist"  #: source (see data.datasets.open_source)
-    data_root: str | None = None  #: folder of the built-in dataset, when not the default
-    split: str | None = None  #: split of the source (built-in: train)
-    classes: str | None = "0-4"  #: seen classes used for training ('' = all)
-    val_fraction: float = 0.1  #: share of the seen classes' images held out for validation
-    arch: str = "small"  #: backbone (retrieval.model.networks.BACKBONES)
-    stem: str = "small"  #: small (28-64 px inputs) | imagenet (torchvision backbones)
-    pretrained: str | None = None  #: None | imagenet | path of a torchvision-format state dict
-    embedding_dim: int = DEFAULT_EMBEDDING_DIM  #: length of the embedding head's output
-    embedding: str = "head"  #: what is indexed: head | features (see retrieval.model.networks)
-    image_size: int = DEFAULT_IMAGE_SIZE  #: side of the square model input, pixels
-    loss: str = "triplet"  #: training loss (retrieval.training.objectives.TRAINING_LOSSES)
-    miner: str | None = (
-        None  #: miner (retrieval.training.objectives.MINERS); None = the loss's natural one
-    )
-    loss_args: dict = field(default_factory=dict)  #: keyword arguments of the loss
-    miner_args: dict = field(default_factory=dict)  #: keyword arguments of the miner
-    epochs: int = 3
-    batch_size: int = 128  #: images per batch (P classes x K images), over all processes
-    m_per_class: int = 32  #: K, images of each class in a batch
-    lr: float = 3e-4  #: Adam learning rate (peak, with a schedule)
-    weight_decay: float = 0.0  #: Adam weight decay
-    schedule: str = "constant"  #: learning-rate schedule: constant | cosine (per step)
-    warmup_epochs: float = 0.0  #: linear warm-up, in epochs
-    grad_clip: float = 0.0  #: max gradient norm; 0 = no clipping
-    patience: int = 0  #: stop after this many epochs without a better val MAP@R; 0 = never
-    amp: bool = True  #: mixed precision (float16 autocast + grad scaling), used on CUDA only
-    margin: float = 0.2  #: triplet margin (loss and semi-hard miner), in distance units
-    augment: bool = True  #: random resized crop + horizontal flip
-    seed: int = 0
-    device: str = "auto"  #: auto | cpu | cuda | mps
-    num_workers: int = 0  #: DataLoader worker processes
-    out: str = "runs/train"  #: run folder
-
-    def validate(self) -> None:
-        """Raise :class:`UserError` on values that cannot work."""
-        positive = ("embedding_dim", "image_size", "epochs", "batch_size", "m_per_class")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size % self.m_per_class:
-            raise UserError(
-                f"batch_size ({self.batch_size}) must be a multiple of m_per_class "
-                f"({self.m_per_class})"
-            )
-        if self.batch_size // self.m_per_class < 2:
-            raise UserError("a batch needs at least two classes: batch_size >= 2 * m_per_class")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
-        choices = {
-            "embedding": EMBEDDINGS,
-            "stem": STEMS,
-            "schedule": SCHEDULES,
-            "loss": tuple(TRAINING_LOSSES),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-        if self.miner is not None and self.miner not in MINERS:
-            raise UserError(f"unknown miner {self.miner!r}; miners: {', '.join(MINERS)}")
-        if self.arch not in BACKBONES:
-            raise UserError(
-                f"unknown backbone {self.arch!r}; choose one of {', '.join(sorted(BACKBONES))}"
-            )
-        for name in ("loss_args", "miner_args"):
-            if not isinstance(getattr(self, name), dict):
-                raise UserError(f"{name} must be a mapping of argument: value")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 @dataclass
@@ -230,7 +135,7 @@ def load_training_data(cfg: TrainConfig) -> ImageDataset:
     """The seen-class training images named by the configuration."""
     split = cfg.split if cfg.split is not None else None
     dataset = open_source(cfg.data, split=split, root=cfg.data_root, draft_size=cfg.image_size)
-    dataset = dataset.filter_classes(parse_classes(cfg.classes))
+    dataset = dataset.filter_classes(parse_classes(cfg.training_classes()))
     n_classes = len(np.unique(dataset.labels))
     if n_classes < 2:
         raise UserError(f"training needs at least two classes, the data has {n_classes}")

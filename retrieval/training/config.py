@@ -1,0 +1,158 @@
+"""The configuration of a training run: every field with its default and help, declared once.
+
+:class:`TrainConfig` is what ``retrieval train`` options, a ``--config`` YAML file and the saved
+``config.yaml`` of a run all describe; the command line builds its options from these fields
+(their ``help`` metadata), so a new field needs no second declaration. Importing this module is
+cheap (no torch): the registries it checks against are imported by :meth:`TrainConfig.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from data.fashion_mnist import IMAGE_SIZE, SEEN_CLASSES
+from retrieval.errors import UserError
+from retrieval.model.spec import DEFAULT_EMBEDDING_DIM, EMBEDDINGS, STEMS
+from retrieval.training.schedule import SCHEDULES
+
+#: The built-in dataset, the default training source.
+BUILTIN_SOURCE = "fashion-mnist"
+#: Options that may change when a run is resumed (the others would make it a different run).
+RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "patience")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its help text (and command-line details: ``flag``, ``metavar``)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
+
+    data: str = _opt(
+        BUILTIN_SOURCE,
+        "Training source: fashion-mnist[:train], a folder of class sub-folders, or a CSV manifest.",
+    )
+    data_root: str | None = _opt(None, "Folder of the built-in dataset, when not the default.")
+    split: str | None = _opt(None, "Split of the source (built-in: train; CSV: split column).")
+    classes: str | None = _opt(
+        None,
+        f"Classes to train on, e.g. 0-4 or cat,dog ('' = all). Default: {SEEN_CLASSES} (the "
+        "seen classes) for the built-in dataset, all classes of any other source.",
+    )
+    val_fraction: float = _opt(
+        0.1, "Share of the training classes' images held out for model selection."
+    )
+    arch: str = _opt(
+        "small",
+        "Backbone: small | resnet18 | resnet34 | resnet50 | mobilenet_v3_small | "
+        "mobilenet_v3_large | efficientnet_b0 | convnext_tiny | efficientnet_lite0.",
+    )
+    stem: str = _opt("small", "small (28-64 px inputs) | imagenet (the original stem).")
+    pretrained: str | None = _opt(
+        None, "imagenet, or PATH of a torchvision-format state dict of the backbone."
+    )
+    embedding_dim: int = _opt(DEFAULT_EMBEDDING_DIM, "Length of the embedding head's output.")
+    embedding: str = _opt(
+        "head",
+        "What is indexed: head (the embedding head's output) or features (the backbone "
+        "features under it; they transfer better to unseen classes).",
+    )
+    image_size: int = _opt(IMAGE_SIZE, "Side of the square model input, pixels.")
+    loss: str = _opt(
+        "triplet",
+        "Embedding loss: triplet, contrastive, cosine-embedding, hinge-embedding, arcface, "
+        "infonce, multiple-negatives-ranking, supcon, ...",
+    )
+    miner: str | None = _opt(
+        None,
+        "all | batch-hard | semi-hard | easy-hard | triplet-margin | distance-weighted | "
+        "pair-margin | multi-similarity (default: the loss's natural one).",
+    )
+    loss_args: dict = _opt(
+        {}, "Loss argument KEY=VALUE (repeatable), e.g. margin=0.5.", flag="--loss-arg"
+    )
+    miner_args: dict = _opt({}, "Miner argument KEY=VALUE (repeatable).", flag="--miner-arg")
+    epochs: int = _opt(3, "Training epochs.")
+    batch_size: int = _opt(
+        128, "Images per batch (P classes x K images), over all processes under torchrun."
+    )
+    m_per_class: int = _opt(32, "K: images of each class in a batch.")
+    lr: float = _opt(3e-4, "Adam learning rate (the peak, with a schedule).")
+    weight_decay: float = _opt(0.0, "Adam weight decay.")
+    schedule: str = _opt("constant", "Learning-rate schedule per step: constant | cosine.")
+    warmup_epochs: float = _opt(0.0, "Linear learning-rate warm-up, epochs.")
+    grad_clip: float = _opt(0.0, "Max gradient norm (0 = no clipping).")
+    patience: int = _opt(
+        0, "Early stop after this many epochs without a better validation MAP@R (0 = never)."
+    )
+    amp: bool = _opt(True, "Mixed precision on CUDA (never used on the CPU).")
+    margin: float = _opt(0.2, "Triplet margin (loss and semi-hard miner), in distance units.")
+    augment: bool = _opt(True, "Random resized crop and horizontal flip.")
+    seed: int = _opt(0, "Random seed.")
+    device: str = _opt("auto", "auto | cpu | cuda | mps.")
+    num_workers: int = _opt(0, "DataLoader worker processes.")
+    out: str = _opt("runs/train", "Run folder.")
+
+    def training_classes(self) -> str:
+        """The ``--classes`` in force: the built-in dataset's seen classes by default, all the
+        classes of a user's data (``''``)."""
+        if self.classes is not None:
+            return self.classes
+        return SEEN_CLASSES if self.data.split(":")[0] == BUILTIN_SOURCE else ""
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` on values that cannot work."""
+        from retrieval.model.networks import BACKBONES
+        from retrieval.training.objectives import MINERS, TRAINING_LOSSES
+
+        positive = ("embedding_dim", "image_size", "epochs", "batch_size", "m_per_class")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.m_per_class:
+            raise UserError(
+                f"batch_size ({self.batch_size}) must be a multiple of m_per_class "
+                f"({self.m_per_class})"
+            )
+        if self.batch_size // self.m_per_class < 2:
+            raise UserError("a batch needs at least two classes: batch_size >= 2 * m_per_class")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        choices = {
+            "embedding": EMBEDDINGS,
+            "stem": STEMS,
+            "schedule": SCHEDULES,
+            "loss": tuple(TRAINING_LOSSES),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.miner is not None and self.miner not in MINERS:
+            raise UserError(f"unknown miner {self.miner!r}; miners: {', '.join(MINERS)}")
+        if self.arch not in BACKBONES:
+            raise UserError(
+                f"unknown backbone {self.arch!r}; choose one of {', '.join(sorted(BACKBONES))}"
+            )
+        for name in ("loss_args", "miner_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise UserError(f"{name} must be a mapping of argument: value")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
