@@ -251,9 +251,26 @@ def test_demo_on_a_small_stand_in(fake_fmnist, tmp_path, capsys):
 
 def test_train_uses_every_class_of_a_users_data_by_default(digits_folder, tmp_path, capsys):
     """The built-in dataset's 0-4 split belongs to the built-in dataset alone."""
-    code, _, err = run_cli(["train", "--data", digits_folder, "--epochs", "1", "--batch-size",
-                            "40", "--m-per-class", "4", "--image-size", "12", "--device", "cpu",
-                            "--out", tmp_path / "run"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            digits_folder,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "40",
+            "--m-per-class",
+            "4",
+            "--image-size",
+            "12",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert code == 0, err
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert state["class_names"] == [f"digit{i}" for i in range(10)]
