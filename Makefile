@@ -26,10 +26,10 @@ demo: $(STAMP)
 	@SKIP_BROWSER=1 bash scripts/setup_system.sh
 	$(BIN)/retrieval demo --out $(DEMO_OUT)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
 
-lint: setup
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

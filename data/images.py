@@ -7,9 +7,9 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data.errors import DataError
 
@@ -83,6 +83,12 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     return decode_image(path, str(path), draft_size)[0]
 
 
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 ``(3, H, W)`` tensor (torchvision's ``pil_to_tensor``, without
+    importing torchvision): a view of the decoded pixels, channels-last in memory."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def read_image(path: str | os.PathLike, draft_size: int | None = None) -> torch.Tensor:
     """Read an image file as a uint8 tensor of shape ``(3, H, W)`` (RGB)."""
-    return pil_to_tensor(open_image(path, draft_size))
+    return to_tensor(open_image(path, draft_size))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data import images
 from data.datasets import read_ref
@@ -59,7 +58,7 @@ def decode_image(data: bytes, what: str = "the upload") -> tuple[torch.Tensor, s
     if not data:
         raise DataError(f"{what} is empty")
     rgb, fmt = images.decode_image(io.BytesIO(data), what)
-    return pil_to_tensor(rgb), fmt
+    return images.to_tensor(rgb), fmt
 
 
 # ------------------------------------------------------------------------------ locks

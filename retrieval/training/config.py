@@ -8,7 +8,9 @@ cheap (no torch): the registries it checks against are imported by :meth:`TrainC
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from data.fashion_mnist import IMAGE_SIZE, SEEN_CLASSES
@@ -156,3 +158,42 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+def resolve_config(
+    given: dict[str, Any], config_file: str | os.PathLike | None = None, resume: str | None = None
+) -> TrainConfig:
+    """The configuration of a run from its three sources, later ones winning: the defaults, a
+    YAML file of options, the options ``given`` (the command line). With ``resume`` (a run
+    folder) the run's own configuration, of which only :data:`RESUME_OVERRIDABLE` may change.
+
+    Raises:
+        UserError: a missing or invalid file, an unknown option, or a change ``resume`` forbids.
+    """
+    if resume is not None:
+        from retrieval.training.loop import load_run_config
+
+        fixed = sorted(k for k in given if k not in RESUME_OVERRIDABLE)
+        if fixed or config_file is not None:
+            raise UserError(
+                f"--resume continues a run as it was configured; only "
+                f"{', '.join(RESUME_OVERRIDABLE)} may be given "
+                f"(got {', '.join(fixed) or '--config'})"
+            )
+        return TrainConfig.from_dict(asdict(load_run_config(resume)) | given)
+    values: dict = {}
+    if config_file is not None:
+        import yaml
+
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path} must hold a mapping of option: value")
+        values.update(loaded)
+    values.update(given)
+    return TrainConfig.from_dict(values)

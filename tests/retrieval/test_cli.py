@@ -160,6 +160,9 @@ def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
         "bad_checkpoint",
         "missing_source",
         "bad_k",
+        "k_zero",
+        "text_checkpoint",
+        "not_a_number",
     ],
 )
 def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path, capsys):
@@ -175,6 +178,8 @@ def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path
     text.write_text("this is not a picture")
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"garbage")
+    text_ckpt = tmp_path / "notes.pt"
+    text_ckpt.write_text("epoch: 3\nloss: 0.1\n")
     other = tmp_path / "other.pt"
     state = torch.load(trained_run / "best.pt", weights_only=True)
     state["model"] = {
@@ -190,6 +195,9 @@ def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path
         "bad_checkpoint": ["embed", digits_folder, "--model", bad_ckpt, "--out", tmp_path / "e"],
         "missing_source": ["evaluate", tmp_path / "nothing", "--pixels"],
         "bad_k": ["evaluate", digits_folder, "--pixels", "--ks", "0,x"],
+        "k_zero": ["search", index, good, "--k", "0"],
+        "text_checkpoint": ["search", index, good, "--model", text_ckpt],
+        "not_a_number": ["search", index, good, "--nprobe", "many"],
     }[case]
     code, out, err = run_cli(args, capsys)
     assert code == 2
@@ -205,7 +213,11 @@ def test_bad_input_is_one_line_exit_2(case, trained_run, digits_folder, tmp_path
         "bad_checkpoint": "not a readable checkpoint",
         "missing_source": "no such file or folder",
         "bad_k": "--ks",
+        "k_zero": "--k",
+        "text_checkpoint": "not a readable checkpoint",
+        "not_a_number": "--nprobe",
     }[case]
+    assert len(lines) == 1, err
     assert expected in " ".join(err.split()), err
 
 
@@ -274,3 +286,29 @@ def test_train_uses_every_class_of_a_users_data_by_default(digits_folder, tmp_pa
     assert code == 0, err
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert state["class_names"] == [f"digit{i}" for i in range(10)]
+
+
+def test_progress_without_a_terminal_prints_lines(digits_folder, tmp_path, capsys):
+    """Output to a file or a pipe: plain progress lines (here at each epoch's end), not nothing
+    until the end."""
+    code, _, err = run_cli(["train", "--data", digits_folder, "--epochs", "2", "--batch-size",
+                            "40", "--m-per-class", "4", "--image-size", "12", "--device", "cpu",
+                            "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    steps = (10 * PER_CLASS * 9 // 10) // 40
+    for epoch in (1, 2):
+        assert f"epoch {epoch}/2: {steps}/{steps}" in err, err
+
+
+def test_progress_lines_are_rate_limited():
+    from rich.console import Console
+
+    from retrieval.cli._common import ProgressLines
+
+    console = Console(record=True, width=200)
+    lines = ProgressLines(console, interval=3600)
+    task = lines.add_task("embedding", total=10)
+    for _ in range(10):
+        lines.advance(task, 1)
+    printed = console.export_text().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("embedding: 10/10"), printed

@@ -1,0 +1,148 @@
+"""``retrieval search`` and ``retrieval serve``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrieval.cli._common import DEVICE_HELP, app, console
+
+IndexDir = Annotated[Path, typer.Argument(help="Index folder from `retrieval index build`.")]
+
+
+@app.command("search")
+def search_cmd(
+    index_dir: IndexDir,
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Query image files, folders of images, or built-in references such as "
+            "fashion-mnist:test:0."
+        ),
+    ],
+    k: Annotated[int, typer.Option("--k", help="Neighbours per query (1-1000).")] = 10,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint; default: the one the index was built with."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write a PNG grid of the results.")
+    ] = None,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", help="IVF lists to visit (IVF indexes).")
+    ] = None,
+    ef_search: Annotated[
+        int | None, typer.Option("--ef-search", help="HNSW search depth (HNSW indexes).")
+    ] = None,
+    mmap: Annotated[
+        bool,
+        typer.Option("--mmap", help="Memory-map the index instead of reading it (large indexes)."),
+    ] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+) -> None:
+    """Find the images of an index most similar to each query image (one batched search)."""
+    from retrieval.errors import UserError
+    from retrieval.workflows import search_index
+
+    if not 1 <= k <= 1000:
+        raise UserError(f"--k takes a whole number from 1 to 1000, got {k}")
+    metric, results = search_index(index_dir, images, k, model, nprobe, ef_search, mmap, device)
+    score_name = "similarity" if metric == "cosine" else "distance"
+    if as_json:
+        doc = {
+            "metric": metric,
+            "queries": [{"query": r.query, "results": [vars(h) for h in r.hits]} for r in results],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        from rich.table import Table
+        from rich.text import Text
+
+        for r in results:
+            # a Text title: rich would turn ':train:' in fashion-mnist:train:0 into an emoji
+            table = Table(title=Text(f"query: {r.query}"))
+            for col, just in (
+                ("rank", "right"),
+                ("id", "right"),
+                (score_name, "right"),
+                ("label", "left"),
+                ("path", "left"),
+            ):
+                table.add_column(col, justify=just)
+            for h in r.hits:
+                table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", h.label, h.ref)
+            console.print(table)
+    if out is not None:
+        from data.datasets import read_ref
+        from retrieval.evaluation.plots import Tile, neighbour_grid
+
+        rows = []
+        for r in results:
+            tiles = [Tile(read_ref(h.ref), f"{h.rank}. {h.label}\n{h.score:.3f}") for h in r.hits]
+            rows.append((Tile(r.image, Path(r.query).name[:18]), tiles))
+        neighbour_grid(rows, out)
+        if not as_json:
+            console.print(f"wrote {out}")
+
+
+@app.command("serve")
+def serve_cmd(
+    index_dir: IndexDir,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint; default: the one the index was built with."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; the default serves this machine only.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="API token required by the write endpoints (POST/DELETE /images); default: "
+            "$RETRIEVAL_API_TOKEN, else none.",
+        ),
+    ] = None,
+    uploads: Annotated[
+        Path | None,
+        typer.Option(
+            "--uploads", help="Folder for added images (default: INDEX_DIR-uploads beside it)."
+        ),
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest upload accepted (413 above).")
+    ] = 10.0,
+    mmap: Annotated[
+        bool,
+        typer.Option(
+            "--mmap", help="Memory-map the index (read-only: adds and removes are refused)."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+) -> None:
+    """Serve the search page and HTTP API (docs at /docs) for an index."""
+    import logging
+
+    from retrieval.errors import UserError
+    from retrieval.serving.server import serve
+
+    if not max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    logging.getLogger("retrieval").setLevel(logging.INFO)
+    serve(
+        index_dir,
+        model,
+        host=host,
+        port=port,
+        token=token,
+        uploads_dir=uploads,
+        mmap=mmap,
+        device=device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+    )

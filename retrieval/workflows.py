@@ -1,0 +1,622 @@
+"""What each command of ``retrieval`` does, as library functions: embed a source, build, change
+and search an index, evaluate a model on a source.
+
+Each composes the pieces of :mod:`retrieval.model`, :mod:`retrieval.index` and
+:mod:`retrieval.evaluation` for one task, so that the command line only parses options, calls one
+of these, and renders the result. Long work reports progress through a
+:data:`ProgressFactory` (the command line passes one that draws a bar); the library itself only
+logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.errors import UserError
+
+if TYPE_CHECKING:  # imported for type hints only: the real imports are in the functions
+    import numpy as np
+
+    from data.datasets import ImageDataset
+    from retrieval.evaluation.evaluate import Evaluation
+    from retrieval.index.gallery import GalleryIndex
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(what, total)`` returns a function called with the number of items just done.
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+#: Evaluation protocols (``auto`` picks one: :func:`detect_protocol`).
+PROTOCOLS = ("auto", "leave-one-out", "query-gallery", "cross-domain")
+
+
+def _no_progress(what: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def open_images(
+    spec: str,
+    split: str | None = None,
+    classes: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    image_size: int | None = None,
+) -> ImageDataset:
+    """The images of a source (built-in, folder or CSV), filtered to ``classes``."""
+    from data.datasets import open_source, parse_classes
+
+    ds = open_source(spec, split=split, root=data_root, draft_size=image_size)
+    return ds.filter_classes(parse_classes(classes))
+
+
+def embed(
+    model,
+    dataset: ImageDataset,
+    preprocessing,
+    device: str = "auto",
+    what: str = "images",
+    progress: ProgressFactory | None = None,
+) -> np.ndarray:
+    """Embeddings ``(n, dim)`` of every image of ``dataset`` with ``model``."""
+    from retrieval.model.embed import embed_dataset, pick_device
+
+    done = (progress or _no_progress)(f"embedding {what}", len(dataset))
+    return embed_dataset(
+        model,
+        dataset.with_transform(preprocessing.transform()),
+        device=pick_device(device),
+        on_batch=done,
+    )
+
+
+# ------------------------------------------------------------------------------------ embed
+
+
+def embed_to_file(
+    model_path: str | os.PathLike,
+    source: str,
+    out: str | os.PathLike,
+    split: str | None = None,
+    classes: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> tuple[Path, Path, tuple[int, ...]]:
+    """Embed a source into ``OUT.npy`` and ``OUT.ids.json``; returns both paths and the shape."""
+    from retrieval.atomic import write_json, write_npy
+    from retrieval.model.checkpoint import load_model
+    from retrieval.model.spec import ModelConfig
+
+    net, state = load_model(model_path)
+    cfg = ModelConfig.from_dict(state["model_config"])
+    ds = open_images(source, split, classes, data_root, cfg.image_size)
+    emb = embed(net, ds, cfg.preprocessing, device, source, progress)
+    out = Path(out)
+    out = out if out.suffix == ".npy" else out.with_suffix(".npy")
+    write_npy(out, emb)
+    ids_path = out.with_suffix(".ids.json")
+    items = [{"ref": r, "label": int(y)} for r, y in zip(ds.refs, ds.labels, strict=True)]
+    write_json(ids_path, {"class_names": ds.class_names, "items": items})
+    return out, ids_path, tuple(emb.shape)
+
+
+def embed_shard_of_source(
+    model_path: str | os.PathLike,
+    source: str,
+    shards: str | os.PathLike,
+    split: str | None = None,
+    classes: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> Path:
+    """This process's shard of a source under ``torchrun`` (:mod:`retrieval.index.shards`)."""
+    from retrieval.atomic import file_sha256
+    from retrieval.index.shards import BACKEND, embed_shard, shard_range
+    from retrieval.model.checkpoint import load_model
+    from retrieval.model.embed import pick_device
+    from retrieval.model.spec import ModelConfig
+    from retrieval.training.distributed import process_group, rank_device, rank_from_env
+
+    rank = rank_from_env()
+    net, state = load_model(model_path)
+    cfg = ModelConfig.from_dict(state["model_config"])
+    ds = open_images(source, split, classes, data_root, cfg.image_size)
+    ds = ds.with_transform(cfg.preprocessing.transform())
+    dev = pick_device(device)
+    dev = rank_device(dev, rank) if dev.type == "cuda" else dev  # one GPU per process
+    with process_group(rank, BACKEND):
+        done = (progress or _no_progress)(
+            f"embedding {source} (rank {rank.rank})", len(shard_range(len(ds), rank))
+        )
+        return embed_shard(
+            net,
+            ds,
+            shards,
+            rank,
+            file_sha256(model_path),
+            str(Path(model_path).resolve()),
+            source,
+            device=dev,
+            on_batch=done,
+        )
+
+
+# ------------------------------------------------------------------------------------ index
+
+
+@dataclass
+class BuildSpec:
+    """How to build an index (everything but the gallery): ``retrieval index build`` options."""
+
+    metric: str = "cosine"
+    index_type: str = "Flat"
+    memory_budget: str | int = "2GB"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    on_disk: bool = False
+    overwrite: bool = False
+
+
+def check_index_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` that holds something not ours, or an index when
+    ``overwrite`` is not given."""
+    from retrieval.atomic import check_replaceable, real_path
+    from retrieval.index.gallery import is_index_folder
+
+    if is_index_folder(out) and not overwrite:
+        raise UserError(
+            f"{out} holds an index already; pass --overwrite to replace it, or choose another --out"
+        )
+    check_replaceable(real_path(out), is_index_folder, "an index folder")
+
+
+def build_index(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    spec: BuildSpec,
+    source: str | None = None,
+    from_shards: str | os.PathLike | None = None,
+    split: str | None = None,
+    classes: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> GalleryIndex:
+    """Embed a gallery (or read embedded shards) and save an index folder at ``out``."""
+    from retrieval.atomic import file_sha256, real_path
+    from retrieval.index.gallery import METRICS, GalleryIndex, is_index_folder, parse_memory
+    from retrieval.model.checkpoint import load_model
+    from retrieval.model.spec import ModelConfig
+    from retrieval.serving.service import index_lock
+
+    if spec.metric not in METRICS:
+        raise UserError(f"unknown metric {spec.metric!r}; choose one of {', '.join(METRICS)}")
+    budget = parse_memory(spec.memory_budget)
+    if (source is None) == (from_shards is None):
+        raise UserError("give either a gallery SOURCE or --from-shards DIR")
+    if from_shards is not None and (split is not None or classes is not None):
+        raise UserError(
+            "--split and --classes apply when embedding; the shards are already embedded"
+        )
+    check_index_out(out, spec.overwrite)
+    net, state = load_model(model_path)
+    cfg = ModelConfig.from_dict(state["model_config"])
+    built_with = dict(
+        metric=spec.metric,
+        model_sha256=file_sha256(model_path),
+        model_path=str(Path(model_path).resolve()),
+        preprocessing=cfg.preprocessing.as_dict(),
+        index_type=spec.index_type,
+        memory_budget=budget,
+    )
+    work = None
+    if spec.on_disk:  # lists are merged here, then renamed into OUT: the same file system
+        real_out = real_path(out)
+        real_out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.lists-", dir=real_out.parent))
+    try:
+        if from_shards is not None:
+            from retrieval.index.shards import build_index_from_shards
+
+            index = build_index_from_shards(from_shards, **built_with, on_disk=work)
+        else:
+            ds = open_images(source, split, classes, data_root, cfg.image_size)
+            emb = embed(net, ds, cfg.preprocessing, device, source, progress)
+            index = GalleryIndex.build(
+                emb, ds.refs, ds.labels, ds.class_names, **built_with, on_disk=work
+            )
+        index.set_search_defaults(nprobe=spec.nprobe, ef_search=spec.ef_search)
+        with index_lock(out):
+            if is_index_folder(out) and not spec.overwrite:  # built by another process meanwhile
+                raise UserError(f"{out} holds an index already; pass --overwrite to replace it")
+            index.save(out)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    return index
+
+
+def add_to_index(
+    index_dir: str | os.PathLike,
+    sources: Sequence[str],
+    label: str | None = None,
+    model_path: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> tuple[list[int], int]:
+    """Embed images (files, folders, CSV manifests, built-in references) and add them to an
+    index under the writer lock; returns their new ids and the index's new size."""
+    import numpy as np
+
+    from data.datasets import BUILTIN, open_source
+    from data.images import read_image
+    from retrieval.serving.service import UNLABELLED, SearchService, index_lock
+
+    with index_lock(index_dir):
+        service = SearchService(index_dir, model_path, device=device)
+        vectors, refs, labels = [], [], []
+        for src in sources:
+            path = Path(src)
+            if path.is_dir() or path.suffix.lower() == ".csv" or src.startswith(BUILTIN):
+                ds = open_source(src, draft_size=service.image_size)
+                done = (progress or _no_progress)(f"embedding {src}", len(ds))
+                from retrieval.model.embed import embed_dataset
+
+                vectors.append(
+                    embed_dataset(
+                        service.model,
+                        ds.with_transform(service.transform),
+                        device=service.device,
+                        on_batch=done,
+                    )
+                )
+                refs += ds.refs
+                labels += [label or ds.class_names[y] for y in ds.labels]
+            else:
+                vectors.append(service.embed([read_image(path)]))
+                refs.append(str(path.resolve()))
+                labels.append(label or UNLABELLED)
+        ids = service.add_vectors(np.concatenate(vectors), refs, labels)
+    return ids, len(service)
+
+
+def remove_from_index(index_dir: str | os.PathLike, ids: Sequence[int]) -> tuple[int, int]:
+    """Remove items by id under the writer lock; returns how many and the new size."""
+    from retrieval.index.gallery import GalleryIndex
+    from retrieval.serving.service import index_lock
+
+    with index_lock(index_dir):
+        index = GalleryIndex.load(index_dir)
+        n = index.remove(ids)
+        index.commit(index_dir)
+    return n, len(index)
+
+
+def compact_index(index_dir: str | os.PathLike) -> int:
+    """Fold the journal into a new snapshot; returns the number of items."""
+    from retrieval.index.gallery import GalleryIndex
+    from retrieval.serving.service import index_lock
+
+    with index_lock(index_dir):
+        index = GalleryIndex.load(index_dir)
+        index.save(index_dir)
+    return len(index)
+
+
+def index_info(index_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(field, value)`` rows describing an index folder and what it was built with."""
+    from dataclasses import asdict
+
+    from retrieval.index.gallery import JOURNAL_FILE, GalleryIndex, read_manifest
+
+    m = read_manifest(index_dir)
+    journal = Path(index_dir) / JOURNAL_FILE
+    pending = journal.is_file() and journal.stat().st_size > 0  # replayed: no memory map then
+    rows = []
+    for key, value in asdict(m).items():
+        if key == "checksums" and isinstance(value, dict):
+            value = ", ".join(f"{k}: {str(v)[:12]}" for k, v in value.items())
+        if key == "count" and pending:
+            value = f"{value} at the last snapshot; changes since in {JOURNAL_FILE}"
+        rows.append((key, str(value)))
+    described = GalleryIndex.load(index_dir, mmap=not pending).describe()
+    for key, value in described.items():
+        if key not in ("metric", "dim", "index_type", "read_only"):
+            rows.append((key, str(value)))
+    size = sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file())
+    rows.append(("size on disk", f"{size / 1024**2:,.1f} MB"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+def expand_queries(items: Sequence[str]) -> list[tuple[str, bool]]:
+    """Query files, the image files of query folders (recursively), and built-in references;
+    each with whether it came from a folder."""
+    from data.images import is_image_file
+
+    out: list[tuple[str, bool]] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise UserError(f"{p}: no image files in this folder")
+            out += [(f, True) for f in found]
+        else:
+            out.append((item, False))
+    return out
+
+
+def read_queries(items: Sequence[str]) -> tuple[list[str], list]:
+    """The query references and their pixels. An image named on its own that cannot be read is
+    an error; unreadable images of a query folder are skipped and listed in one warning, as
+    when a gallery folder is indexed.
+
+    Raises:
+        UserError: a named image cannot be read, or no query image can.
+    """
+    from data.errors import DataError
+
+    refs, images, bad = [], [], []
+    for ref, in_folder in expand_queries(items):
+        try:
+            images.append(read_query(ref))
+        except DataError as exc:
+            if not in_folder:
+                raise
+            bad.append(f"{ref} ({exc})")
+            continue
+        refs.append(ref)
+    if bad:
+        logger.warning(
+            "skipped %d unreadable query images: %s",
+            len(bad),
+            "; ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""),
+        )
+    if not refs:
+        raise UserError("none of the query images can be read")
+    return refs, images
+
+
+def read_query(ref: str):
+    """Pixels of a query: an image file or a built-in reference (``fashion-mnist:test:0``)."""
+    from data.datasets import BUILTIN, read_ref
+    from data.images import read_image
+
+    return read_ref(ref) if ref.startswith(BUILTIN + ":") else read_image(ref)
+
+
+@dataclass
+class QueryResult:
+    """One query and its hits (:class:`retrieval.index.gallery.Hit`), best first."""
+
+    query: str
+    image: Any
+    hits: list
+
+
+def search_index(
+    index_dir: str | os.PathLike,
+    queries: Sequence[str],
+    k: int = 10,
+    model_path: str | os.PathLike | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    mmap: bool = False,
+    device: str = "auto",
+) -> tuple[str, list[QueryResult]]:
+    """Search an index with query images (one batched search); returns the metric and the
+    results per query."""
+    from retrieval.serving.service import SearchService
+
+    if k < 1:
+        raise UserError(f"k must be at least 1, got {k}")
+    service = SearchService(index_dir, model_path, device=device, mmap=mmap)
+    paths, images = read_queries(queries)
+    hits = service.search(images, k, nprobe=nprobe, ef_search=ef_search)
+    results = [QueryResult(p, img, h) for p, img, h in zip(paths, images, hits, strict=True)]
+    return service.index.manifest.metric, results
+
+
+# ------------------------------------------------------------------------------------ evaluate
+
+
+def detect_protocol(source: str, gallery: str | None) -> str:
+    """``auto``: cross-domain with a gallery, query-gallery for a CSV with ``is_query`` and
+    ``is_gallery`` columns, else leave-one-out."""
+    if gallery:
+        return "cross-domain"
+    path = Path(source)
+    if source.lower().endswith(".csv") and path.is_file():
+        with path.open(encoding="utf-8") as fh:
+            header = {c.strip() for c in fh.readline().strip().split(",")}
+        if {"is_query", "is_gallery"} <= header:
+            return "query-gallery"
+    return "leave-one-out"
+
+
+def default_eval_classes(source: str) -> str | None:
+    """The classes evaluated when none are given: the built-in dataset's unseen classes (the
+    class-disjoint protocol), all classes of any other source."""
+    from data.datasets import BUILTIN
+    from data.fashion_mnist import UNSEEN_CLASSES
+
+    return UNSEEN_CLASSES if source.split(":")[0] == BUILTIN else None
+
+
+@dataclass
+class EvaluationRun:
+    """The outcome of :func:`evaluate_source` and what its report needs."""
+
+    evaluation: Evaluation
+    info: dict
+    xq: Any
+    yq: Any
+    xb: Any
+    yb: Any
+    class_names: list
+    queries: Any  #: ImageDataset of the queries
+    gallery: Any  #: ImageDataset of the gallery
+
+
+def evaluate_source(
+    source: str,
+    model_path: str | os.PathLike | None = None,
+    pixels: bool = False,
+    classes: str | None = None,
+    split: str | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "cosine",
+    protocol: str = "auto",
+    gallery: str | None = None,
+    gallery_split: str | None = None,
+    clustering: bool = True,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> EvaluationRun:
+    """Evaluate a model (or raw pixels) on a source with a protocol (see ``PROTOCOLS``)."""
+    from data.datasets import open_source
+    from retrieval.evaluation.evaluate import (
+        align_labels,
+        evaluate,
+        pixel_vectors,
+        read_query_gallery_flags,
+        split_query_gallery,
+    )
+    from retrieval.model.checkpoint import load_model
+    from retrieval.model.spec import ModelConfig
+
+    if (model_path is None) == (not pixels):
+        raise UserError("give either --model CHECKPOINT or --pixels")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "auto":
+        protocol = detect_protocol(source, gallery)
+    if (protocol == "cross-domain") != (gallery is not None):
+        raise UserError(
+            "the cross-domain protocol needs --gallery SOURCE, and --gallery needs the "
+            "cross-domain protocol"
+        )
+    if classes is None:
+        classes = default_eval_classes(source)
+    net = cfg = None
+    if model_path is not None:
+        net, state = load_model(model_path)
+        cfg = ModelConfig.from_dict(state["model_config"])
+
+    def vectors(ds: ImageDataset, what: str):
+        if cfg is None:
+            return pixel_vectors(ds)
+        return embed(net, ds, cfg.preprocessing, device, what, progress)
+
+    size = cfg.image_size if cfg is not None else None
+    ds = open_images(source, split, classes, data_root, size)
+    x = vectors(ds, source)
+    names = ds.class_names
+    if protocol == "leave-one-out":
+        qds = gds = ds
+        xq, yq, xb, yb, self_index = x, ds.labels, None, None, None
+    elif protocol == "query-gallery":
+        is_q, is_g = read_query_gallery_flags(source, split)
+        q_pos, g_pos, self_index = split_query_gallery(is_q[ds.index], is_g[ds.index])
+        qds, gds = ds.subset(q_pos), ds.subset(g_pos)
+        xq, yq, xb, yb = x[q_pos], ds.labels[q_pos], x[g_pos], ds.labels[g_pos]
+    else:
+        gds = open_source(gallery, split=gallery_split, root=data_root, draft_size=size)
+        qds = ds
+        xq, xb = x, vectors(gds, gallery)
+        yq, yb, names = align_labels(ds.labels, ds.class_names, gds.labels, gds.class_names)
+        self_index = None
+    ev = evaluate(
+        xq,
+        yq,
+        xb,
+        yb,
+        ks=ks,
+        metric=metric,
+        self_index=self_index,
+        clustering=clustering,
+        class_names=names,
+    )
+    name = str(model_path) if model_path is not None else "raw pixels"
+    info = {
+        "model": name,
+        "source": source,
+        "split": split,
+        "classes": classes or "all",
+        "protocol": protocol,
+    }
+    if gallery is not None:
+        info |= {"gallery": gallery, "gallery_split": gallery_split}
+    return EvaluationRun(
+        ev,
+        info,
+        xq,
+        yq,
+        x if xb is None else xb,
+        yq if yb is None else yb,
+        list(names),
+        qds,
+        gds,
+    )
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def export_model(
+    checkpoint: str | os.PathLike,
+    onnx: str | os.PathLike | None = None,
+    torchscript: str | os.PathLike | None = None,
+    check: bool = True,
+) -> list[tuple[str, Path, int, float | None]]:
+    """Export a checkpoint's model (ONNX and/or TorchScript) with a ``FILE.json`` card beside
+    each; returns ``(format, path, input side, max |difference| from PyTorch or None)``.
+
+    Raises:
+        UserError: nothing to write, or an export that differs from PyTorch beyond tolerance.
+    """
+    from retrieval.atomic import file_sha256
+    from retrieval.model.checkpoint import load_model
+    from retrieval.model.export import (
+        TOLERANCE,
+        export_onnx,
+        export_torchscript,
+        max_difference,
+        model_card,
+    )
+    from retrieval.model.spec import ModelConfig
+
+    if onnx is None and torchscript is None:
+        raise UserError("give --onnx FILE.onnx and/or --torchscript FILE.pt")
+    net, state = load_model(checkpoint)
+    size = ModelConfig.from_dict(state["model_config"]).image_size
+    digest = file_sha256(checkpoint)
+    written = []
+    if onnx is not None:
+        written.append(("onnx", export_onnx(net, size, onnx, model_card(state, digest, "onnx"))))
+    if torchscript is not None:
+        card = model_card(state, digest, "torchscript")
+        written.append(("torchscript", export_torchscript(net, size, torchscript, card)))
+    out = []
+    for fmt, path in written:
+        diff = None
+        if check:
+            diff = max_difference(net, path, fmt, size)
+            if diff > TOLERANCE:
+                raise UserError(
+                    f"{path}: the exported model differs from PyTorch by {diff:.2e} (more than "
+                    f"{TOLERANCE:.0e}); do not use it"
+                )
+        out.append((fmt, Path(path), size, diff))
+    return out
