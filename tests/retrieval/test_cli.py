@@ -291,9 +291,26 @@ def test_train_uses_every_class_of_a_users_data_by_default(digits_folder, tmp_pa
 def test_progress_without_a_terminal_prints_lines(digits_folder, tmp_path, capsys):
     """Output to a file or a pipe: plain progress lines (here at each epoch's end), not nothing
     until the end."""
-    code, _, err = run_cli(["train", "--data", digits_folder, "--epochs", "2", "--batch-size",
-                            "40", "--m-per-class", "4", "--image-size", "12", "--device", "cpu",
-                            "--out", tmp_path / "run"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            digits_folder,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "40",
+            "--m-per-class",
+            "4",
+            "--image-size",
+            "12",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert code == 0, err
     steps = (10 * PER_CLASS * 9 // 10) // 40
     for epoch in (1, 2):
