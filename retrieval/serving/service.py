@@ -291,12 +291,20 @@ class SearchService:
         return out
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 8)) -> None:
-        """Run the model and the index once per batch size, so that the first real search is
-        as fast as the tenth (lazy allocations, kernel selection, page faults)."""
+        """Run the model and the index once per batch size, and read one indexed image, so that
+        the first real search is as fast as the tenth (lazy allocations, kernel selection, page
+        faults, a built-in data set's arrays)."""
         s = self.image_size
         for n in batch_sizes:
             x = torch.zeros((n, 3, s, s), dtype=torch.uint8)
             self.search_batch([Query(self.prepare(img), 1) for img in x])
+        with self._rw.read():
+            first = next(iter(self.index.items), None)
+        if first is not None:  # "more like this" reads items: a built-in set is loaded once
+            try:
+                self.image(first)
+            except DataError as exc:
+                logger.warning("the indexed image %d cannot be read: %s", first, exc)
 
     def search_files(
         self,
