@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
@@ -201,18 +202,30 @@ class Engine:
             raise HTTPException(503, f"the index could not be loaded: {exc}")
         return self._future.result()
 
-    def answer(self, queries: list) -> list[Answer | BaseException]:
-        """Answers (or errors) for :class:`~retrieval.serving.service.Query` objects, through
-        the micro-batcher when batching."""
-        service = self.service
-        if self.max_batch == 1:
-            return [service.search_batch([q])[0] for q in queries]
-        with self._lock:
-            if self._batcher is None:
-                self._batcher = MicroBatcher(
-                    service.search_batch, self.max_batch, self.max_wait, name="search-batcher"
-                )
-        futures = [self._batcher.submit(q) for q in queries]
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a search being prepared (decoded) inside this block: the batch being
+        collected waits for it, at most ``max_wait``."""
+        batcher = self._get_batcher()
+        with batcher.arriving() if batcher is not None else contextlib.nullcontext():
+            yield
+
+    def submit(self, queries: list) -> list[Future]:
+        """Futures of the answers (or errors) of :class:`~retrieval.serving.service.Query`
+        objects: queued for the micro-batcher, or, unbatched, answered here and now."""
+        batcher = self._get_batcher()
+        if batcher is not None:
+            return [batcher.submit(q) for q in queries]
+        out = []
+        for q in queries:
+            fut: Future = Future()
+            fut.set_result(self.service.search_batch([q])[0])
+            out.append(fut)
+        return out
+
+    @staticmethod
+    def results(futures: list[Future]) -> list[Answer | BaseException]:
+        """Wait for :meth:`submit`'s futures: each answer, or the exception in its place."""
         out: list[Answer | BaseException] = []
         for fut in futures:
             try:
@@ -220,6 +233,21 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - returned in place of the answer
                 out.append(exc)
         return out
+
+    def answer(self, queries: list) -> list[Answer | BaseException]:
+        """:meth:`submit` and wait for the :meth:`results`."""
+        return self.results(self.submit(queries))
+
+    def _get_batcher(self) -> MicroBatcher | None:
+        if self.max_batch == 1:
+            return None
+        service = self.service
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(
+                    service.search_batch, self.max_batch, self.max_wait, name="search-batcher"
+                )
+            return self._batcher
 
     @contextlib.contextmanager
     def decoding(self):
@@ -410,15 +438,17 @@ def create_app(
         service = engine.service
         if (file is None) == (id is None):
             raise HTTPException(400, "send either an image file or the id of an indexed image")
-        if file is not None:
-            image = prepared_upload(file, service)
-            query = {"filename": file.filename}
-        else:
-            with engine.decoding():
-                image = service.prepare(service.image(id))
-            query = {"id": id}
-        t_decoded = time.perf_counter()
-        (answer,) = engine.answer([SearchQuery(image, k, nprobe, ef_search)])
+        with engine.arriving():
+            if file is not None:
+                image = prepared_upload(file, service)
+                query = {"filename": file.filename}
+            else:
+                with engine.decoding():
+                    image = service.prepare(service.image(id))
+                query = {"id": id}
+            t_decoded = time.perf_counter()
+            futures = engine.submit([SearchQuery(image, k, nprobe, ef_search)])
+        (answer,) = engine.results(futures)
         if isinstance(answer, BaseException):
             raise answer
         count("searches")
@@ -454,15 +484,18 @@ def create_app(
         if len(files) > MAX_BATCH_FILES:
             raise HTTPException(400, f"send at most {MAX_BATCH_FILES} files per batch")
         answers: list = [None] * len(files)
-        queries, positions = [], []
-        for pos, f in enumerate(files):
-            try:
-                queries.append(SearchQuery(prepared_upload(f, service), k, nprobe, ef_search))
+        futures, positions = [], []
+        with engine.arriving():
+            for pos, f in enumerate(files):
+                try:
+                    query = SearchQuery(prepared_upload(f, service), k, nprobe, ef_search)
+                except DataError as exc:
+                    answers[pos] = exc
+                    continue
+                futures += engine.submit([query])  # batched with whatever else is arriving
                 positions.append(pos)
-            except DataError as exc:
-                answers[pos] = exc
-        t_decoded = time.perf_counter()
-        for pos, answer in zip(positions, engine.answer(queries), strict=True):
+            t_decoded = time.perf_counter()
+        for pos, answer in zip(positions, engine.results(futures), strict=True):
             answers[pos] = answer
         out = []
         for f, answer in zip(files, answers, strict=True):

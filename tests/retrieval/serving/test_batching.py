@@ -97,3 +97,26 @@ def test_bad_settings_are_refused():
         MicroBatcher(lambda items: items, max_batch=0)
     with pytest.raises(ValueError, match="max_wait"):
         MicroBatcher(lambda items: items, max_wait=-1)
+
+
+def test_a_batch_waits_only_for_announced_items():
+    seen = []
+    batcher = MicroBatcher(lambda items: seen.append(items) or items, max_batch=8, max_wait=30.0)
+    assert batcher.submit("alone").result(WAIT) == "alone"  # nobody announced: no 30 s wait
+    announced, submitted = threading.Event(), threading.Event()
+
+    def late_companion():
+        with batcher.arriving():
+            announced.set()
+            submitted.wait(WAIT)  # decoding while the first item is already queued
+            batcher.submit("second")
+
+    thread = threading.Thread(target=late_companion)
+    thread.start()
+    assert announced.wait(WAIT)
+    first = batcher.submit("first")
+    submitted.set()
+    assert first.result(WAIT) == "first"
+    thread.join(WAIT)
+    batcher.close(WAIT)
+    assert seen == [["alone"], ["first", "second"]]

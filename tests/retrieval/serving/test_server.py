@@ -329,9 +329,11 @@ def test_concurrent_searches_share_batches_and_get_their_own_results(service):
 
     def one(n: int, item: int) -> None:
         k, _ = settings[n % 3]
-        query = Query(service.prepare(service.image(item)), k)
         start.wait()
-        answers[item] = engine.answer([query])[0]
+        with engine.arriving():  # as the endpoint does while it decodes
+            query = Query(service.prepare(service.image(item)), k)
+            futures = engine.submit([query])
+        answers[item] = engine.results(futures)[0]
 
     threads = [threading.Thread(target=one, args=(n, i)) for n, i in enumerate(ids)]
     for t in threads:
