@@ -40,7 +40,8 @@ DEFAULT_MAX_WAIT = 0.002
 #: Most requests served by one call.
 DEFAULT_MAX_BATCH = 32
 
-_STOP = object()
+_STOP = object()  # queued by close()
+_WAKE = object()  # queued when the last announced item has been submitted
 
 
 class MicroBatcher(Generic[T, R]):
@@ -93,6 +94,8 @@ class MicroBatcher(Generic[T, R]):
         finally:
             with self._arriving_lock:
                 self._arriving -= 1
+                if self._arriving == 0:
+                    self._queue.put(_WAKE)  # a worker waiting for it stops waiting
 
     def close(self, timeout: float | None = None) -> None:
         """Serve what is queued, then stop the worker."""
@@ -106,6 +109,8 @@ class MicroBatcher(Generic[T, R]):
     def _collect(self) -> tuple[list[tuple[T, Future]], bool]:
         """One batch of live items (blocks for the first); and whether to stop afterwards."""
         first = self._queue.get()
+        while first is _WAKE:
+            first = self._queue.get()
         if first is _STOP:
             return [], True
         batch = [first]
@@ -121,6 +126,8 @@ class MicroBatcher(Generic[T, R]):
                     nxt = self._queue.get(timeout=left)
                 except queue.Empty:
                     break
+            if nxt is _WAKE:
+                continue
             if nxt is _STOP:
                 return batch, True
             batch.append(nxt)
