@@ -2,7 +2,9 @@
 
 :class:`SearchService` pairs an index folder with the model its vectors came from (checked by
 SHA-256 when loading), embeds query images, searches, and adds or removes images, persisting
-every change before it returns.
+every change before it returns. :meth:`SearchService.search_batch` serves many searches, each
+with its own ``k`` and search parameters, with one forward pass (the server's micro-batches);
+:meth:`SearchService.search_files` searches with a folder's worth of query files.
 
 Concurrency (the server calls it from many threads): searches share a read lock, changes take
 the write lock only while the in-memory index changes, so no search ever sees a half-applied
