@@ -356,37 +356,6 @@ def expand_queries(items: Sequence[str]) -> list[tuple[str, bool]]:
     return out
 
 
-def read_queries(items: Sequence[str]) -> tuple[list[str], list]:
-    """The query references and their pixels. An image named on its own that cannot be read is
-    an error; unreadable images of a query folder are skipped and listed in one warning, as
-    when a gallery folder is indexed.
-
-    Raises:
-        UserError: a named image cannot be read, or no query image can.
-    """
-    from data.errors import DataError
-
-    refs, images, bad = [], [], []
-    for ref, in_folder in expand_queries(items):
-        try:
-            images.append(read_query(ref))
-        except DataError as exc:
-            if not in_folder:
-                raise
-            bad.append(f"{ref} ({exc})")
-            continue
-        refs.append(ref)
-    if bad:
-        logger.warning(
-            "skipped %d unreadable query images: %s",
-            len(bad),
-            "; ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""),
-        )
-    if not refs:
-        raise UserError("none of the query images can be read")
-    return refs, images
-
-
 def read_query(ref: str):
     """Pixels of a query: an image file or a built-in reference (``fashion-mnist:test:0``)."""
     from data.datasets import BUILTIN, read_ref
@@ -400,7 +369,6 @@ class QueryResult:
     """One query and its hits (:class:`retrieval.index.gallery.Hit`), best first."""
 
     query: str
-    image: Any
     hits: list
 
 
@@ -414,16 +382,42 @@ def search_index(
     mmap: bool = False,
     device: str = "auto",
 ) -> tuple[str, list[QueryResult]]:
-    """Search an index with query images (one batched search); returns the metric and the
-    results per query."""
+    """Search an index with query images, in batches; returns the metric and the results per
+    query.
+
+    An image named on its own that cannot be read is an error; unreadable images of a query
+    folder are skipped and listed in one warning, as when a gallery folder is indexed.
+
+    Raises:
+        UserError: a named image cannot be read, or no query image can.
+    """
     from retrieval.serving.service import SearchService
 
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    expanded = expand_queries(queries)
+    named = {ref for ref, in_folder in expanded if not in_folder}
+    for ref in named:  # fail early, before the model loads, on a file given by name
+        if not ref.startswith("fashion-mnist:") and not Path(ref).is_file():
+            read_query(ref)  # raises the reader's clear error
     service = SearchService(index_dir, model_path, device=device, mmap=mmap)
-    paths, images = read_queries(queries)
-    hits = service.search(images, k, nprobe=nprobe, ef_search=ef_search)
-    results = [QueryResult(p, img, h) for p, img, h in zip(paths, images, hits, strict=True)]
+    searched, hits, skipped = service.search_files(
+        [ref for ref, _ in expanded], k, nprobe=nprobe, ef_search=ef_search, read=read_query
+    )
+    for ref, reason in skipped:
+        if ref in named:
+            raise UserError(reason)
+    if skipped:
+        shown = "; ".join(f"{ref} ({why})" for ref, why in skipped[:20])
+        logger.warning(
+            "skipped %d unreadable query images: %s%s",
+            len(skipped),
+            shown,
+            " ..." if len(skipped) > 20 else "",
+        )
+    if not searched:
+        raise UserError("none of the query images can be read")
+    results = [QueryResult(ref, h) for ref, h in zip(searched, hits, strict=True)]
     return service.index.manifest.metric, results
 
 

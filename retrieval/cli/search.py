@@ -80,11 +80,12 @@ def search_cmd(
     if out is not None:
         from data.datasets import read_ref
         from retrieval.evaluation.plots import Tile, neighbour_grid
+        from retrieval.workflows import read_query
 
         rows = []
         for r in results:
             tiles = [Tile(read_ref(h.ref), f"{h.rank}. {h.label}\n{h.score:.3f}") for h in r.hits]
-            rows.append((Tile(r.image, Path(r.query).name[:18]), tiles))
+            rows.append((Tile(read_query(r.query), Path(r.query).name[:18]), tiles))
         neighbour_grid(rows, out)
         if not as_json:
             console.print(f"wrote {out}")
@@ -125,15 +126,43 @@ def serve_cmd(
         ),
     ] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch", help="Most searches sharing one forward pass; 1 turns batching off."
+        ),
+    ] = 32,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            "--max-wait-ms", help="Longest a search waits for others to join its batch, ms."
+        ),
+    ] = 2.0,
+    max_decodes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-decodes",
+            help="Uploads and thumbnails decoded at once (default: the cores, at least 2).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the search page and HTTP API (docs at /docs) for an index."""
     import logging
 
     from retrieval.errors import UserError
-    from retrieval.serving.server import serve
+    from retrieval.serving.server import DEFAULT_MAX_DECODES, serve
 
     if not max_upload_mb > 0:
         raise UserError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    if (
+        max_batch < 1
+        or not 0 <= max_wait_ms <= 100
+        or (max_decodes is not None and max_decodes < 1)
+    ):
+        raise UserError(
+            "--max-batch and --max-decodes take whole numbers of at least 1, --max-wait-ms a "
+            "number from 0 to 100"
+        )
     logging.getLogger("retrieval").setLevel(logging.INFO)
     serve(
         index_dir,
@@ -145,4 +174,7 @@ def serve_cmd(
         mmap=mmap,
         device=device,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_decodes=max_decodes or DEFAULT_MAX_DECODES,
     )

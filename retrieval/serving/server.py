@@ -3,19 +3,32 @@
 Endpoints (OpenAPI documentation at ``/docs``, with Swagger UI served from the package so that
 it works offline; schema at ``/openapi.json``):
 
-- ``GET /``: the search page (``retrieval/web/index.html``);
+- ``GET /``: the search page (``retrieval/serving/web/index.html``);
 - ``POST /search``: multipart ``file`` (an image) *or* ``id`` (an indexed item: "more like
   this"), ``k`` (1 .. :data:`MAX_K`), optional ``nprobe`` / ``ef_search``; ranked results;
-- ``GET /images/{id}``: the indexed image as PNG, ``?size=N`` for a thumbnail. Images are looked
-  up by id only: no path from the request ever reaches the file system;
+- ``POST /search/batch``: several ``files`` with the same parameters; one answer per file, an
+  unreadable file failing alone;
+- ``GET /images/{id}``: the indexed image as PNG, ``?size=N`` for a thumbnail (cached). Images
+  are looked up by id only: no path from the request ever reaches the file system;
 - ``POST /images``: multipart ``file`` and optional ``label``: add an image (stored in the
   uploads folder), 201 with its id once the index folder is saved;
 - ``DELETE /images/{id}``: remove an item, once saved;
-- ``GET /health``, ``GET /stats``.
+- ``GET /health`` (503 ``{"status": "loading"}`` until the index and model are loaded),
+  ``GET /stats``.
+
+Searches are micro-batched (:mod:`retrieval.serving.batching`): the requests that arrive within
+``max_wait_ms`` of each other (up to ``max_batch``) share one forward pass and one FAISS call per
+distinct ``(k, nprobe, ef_search)``; each gets the results it would get alone. Uploads are
+decoded in the request threads, at most ``max_decodes`` at once (each decode of a large image
+can take hundreds of MB). Answers carry ``Server-Timing`` (decode, queue, embed, search, total).
 
 Errors are JSON ``{"detail": message}``: 400 unreadable or corrupt image, bad parameter; 404
 unknown id; 413 body over the upload limit; 401 write without the API token (when one is
-set); 409 a read-only (memory-mapped or on-disk) index; 422 out-of-range form values.
+set); 409 a read-only (memory-mapped or on-disk) index; 422 out-of-range form values; 503 still
+loading.
+
+Importing this module does not import torch or FAISS (the server answers ``/health`` while they
+load): :mod:`retrieval.serving.service` is imported when the service is made.
 """
 
 from __future__ import annotations
@@ -23,28 +36,32 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import io
 import ipaddress
+import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from data.errors import DataError
 from retrieval.atomic import write_bytes
 from retrieval.errors import UserError
-from retrieval.index.gallery import UnknownIdError
-from retrieval.serving.service import UNLABELLED, SearchService, decode_image, index_lock
+from retrieval.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, MicroBatcher
+from retrieval.serving.thumbnails import DEFAULT_CACHE_BYTES, ByteLRU, encode_png
+
+if TYPE_CHECKING:
+    from retrieval.serving.service import Answer, SearchService
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +75,12 @@ DEFAULT_K = 12
 MIN_THUMB, MAX_THUMB = 16, 1024
 #: Address the server binds to unless told otherwise: this machine only.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+#: Decodes (uploads, thumbnails) running at once; each may hold a large image in memory.
+DEFAULT_MAX_DECODES = max(2, os.cpu_count() or 1)
+#: Files one ``POST /search/batch`` may carry.
+MAX_BATCH_FILES = 256
+#: The index folder's manifest (checked before the server listens).
+MANIFEST_FILE = "manifest.json"
 #: Environment variable read for the API token when ``--token`` is not given.
 TOKEN_ENV = "RETRIEVAL_API_TOKEN"
 #: File extension of stored uploads, by PIL format.
@@ -117,44 +140,162 @@ def _store_upload(data: bytes, fmt: str, folder: Path) -> Path:
     return path.resolve()
 
 
-def _png(image, size: int | None) -> bytes:
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    if size is not None:
-        pil.thumbnail((size, size), Image.NEAREST if max(pil.size) < size else Image.LANCZOS)
-        if max(pil.size) < size:  # small images (28 px) are enlarged with hard pixel edges
-            scale = size / max(pil.size)
-            pil = pil.resize(
-                (max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 2)
+
+
+def server_timing(**durations: float) -> str:
+    """A ``Server-Timing`` header value from durations in seconds (``decode;dur=1.2, ...``)."""
+    return ", ".join(f"{name};dur={_ms(s)}" for name, s in durations.items())
+
+
+class Engine:
+    """What the endpoints share: the service (possibly still loading), the micro-batcher, the
+    bound on concurrent decodes and the thumbnail cache.
+
+    Args:
+        service: the service, or a future of it (the server answers 503 until it is done).
+        max_batch: most searches per forward pass; 1 runs each search alone, in its request
+            thread.
+        max_wait: seconds a search waits for others to join its batch.
+        max_decodes: decodes running at once.
+        cache_bytes: bytes of encoded images kept by the thumbnail cache.
+    """
+
+    def __init__(
+        self,
+        service: SearchService | Future,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        max_decodes: int = DEFAULT_MAX_DECODES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
+        if max_batch < 1 or max_decodes < 1:
+            raise UserError("the batch size and the number of decodes must be at least 1")
+        if isinstance(service, Future):
+            self._future = service
+        else:
+            self._future = Future()
+            self._future.set_result(service)
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.decodes = threading.BoundedSemaphore(max_decodes)
+        self.thumbnails = ByteLRU(cache_bytes)
+        self._batcher: MicroBatcher | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loading(self) -> bool:
+        return not self._future.done()
+
+    @property
+    def service(self) -> SearchService:
+        """The loaded service; 503 while it loads."""
+        if not self._future.done():
+            raise HTTPException(
+                503,
+                "the index and model are still loading; try again in a moment",
+                headers={"Retry-After": "1"},
             )
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
+        exc = self._future.exception()
+        if exc is not None:
+            raise HTTPException(503, f"the index could not be loaded: {exc}")
+        return self._future.result()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a search being prepared (decoded) inside this block: the batch being
+        collected waits for it, at most ``max_wait``."""
+        batcher = self._get_batcher()
+        with batcher.arriving() if batcher is not None else contextlib.nullcontext():
+            yield
+
+    def submit(self, queries: list) -> list[Future]:
+        """Futures of the answers (or errors) of :class:`~retrieval.serving.service.Query`
+        objects: queued for the micro-batcher, or, unbatched, answered here and now."""
+        batcher = self._get_batcher()
+        if batcher is not None:
+            return [batcher.submit(q) for q in queries]
+        out = []
+        for q in queries:
+            fut: Future = Future()
+            fut.set_result(self.service.search_batch([q])[0])
+            out.append(fut)
+        return out
+
+    @staticmethod
+    def results(futures: list[Future]) -> list[Answer | BaseException]:
+        """Wait for :meth:`submit`'s futures: each answer, or the exception in its place."""
+        out: list[Answer | BaseException] = []
+        for fut in futures:
+            try:
+                out.append(fut.result())
+            except Exception as exc:  # noqa: BLE001 - returned in place of the answer
+                out.append(exc)
+        return out
+
+    def answer(self, queries: list) -> list[Answer | BaseException]:
+        """:meth:`submit` and wait for the :meth:`results`."""
+        return self.results(self.submit(queries))
+
+    def _get_batcher(self) -> MicroBatcher | None:
+        if self.max_batch == 1:
+            return None
+        service = self.service
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(
+                    service.search_batch, self.max_batch, self.max_wait, name="search-batcher"
+                )
+            return self._batcher
+
+    @contextlib.contextmanager
+    def decoding(self):
+        """Hold one of the decode slots."""
+        with self.decodes:
+            yield
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close(timeout=5)
 
 
-def _read_upload(file: UploadFile) -> tuple[bytes, object, str]:
-    data = file.file.read()
-    try:
-        image, fmt = decode_image(data, f"the upload {file.filename or ''}".strip())
-    except DataError as exc:
-        raise HTTPException(400, str(exc)) from None
-    return data, image, fmt
+def _hit_json(h) -> dict:
+    return {
+        "rank": h.rank,
+        "id": h.id,
+        "score": round(h.score, 6),
+        "label": h.label,
+        "name": Path(h.ref).name,
+        "image": f"/images/{h.id}",
+    }
 
 
 def create_app(
-    service: SearchService,
+    service: SearchService | Future,
     uploads_dir: str | os.PathLike,
     token: str | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = 1000 * DEFAULT_MAX_WAIT,
+    max_decodes: int = DEFAULT_MAX_DECODES,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> FastAPI:
     """The FastAPI application around a :class:`~retrieval.serving.service.SearchService`.
 
     Args:
-        service: the index and model.
+        service: the index and model, or a future of them (``/health`` answers 503
+            ``loading`` and the other endpoints 503 until it is done).
         uploads_dir: where images added through ``POST /images`` are kept.
         token: when set, ``POST /images`` and ``DELETE /images/{id}`` need
             ``Authorization: Bearer TOKEN``.
         max_upload_bytes: request body limit (413 above it).
+        max_batch: most searches sharing one forward pass; 1 turns batching off.
+        max_wait_ms: longest a search waits for others to join its batch, milliseconds.
+        max_decodes: uploads and thumbnails decoded at once.
+        cache_bytes: size of the thumbnail cache, bytes.
     """
+    engine = Engine(service, max_batch, max_wait_ms / 1000, max_decodes, cache_bytes)
     uploads = Path(uploads_dir)
     page = (
         resources.files("retrieval.serving").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -169,12 +310,15 @@ def create_app(
         docs_url=None,  # served below from the package's own copy of Swagger UI
         redoc_url=None,
     )
+    app.state.engine = engine
     swagger = resources.files("retrieval.serving").joinpath("web/swagger")
     app.mount("/static/swagger", StaticFiles(directory=str(swagger)), name="swagger")
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        from retrieval.index.gallery import UnknownIdError
+
         status = 404 if isinstance(exc, UnknownIdError) else 400
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
@@ -197,6 +341,39 @@ def create_app(
         with counters_lock:
             counters[key] += n
 
+    def decode_upload(file: UploadFile, service: SearchService) -> tuple[bytes, object, str]:
+        """The upload's bytes, its pixels (uint8 tensor) and format; 400 when unreadable."""
+        from retrieval.serving.service import decode_image
+
+        data = file.file.read()
+        with engine.decoding():
+            try:
+                image, fmt = decode_image(data, f"the upload {file.filename or ''}".strip())
+            except DataError as exc:
+                raise HTTPException(400, str(exc)) from None
+        return data, image, fmt
+
+    def prepared_upload(file: UploadFile, service: SearchService):
+        """The upload decoded (JPEGs at a reduced scale) and preprocessed for the model."""
+        from retrieval.serving.service import decode_image
+
+        data = file.file.read()
+        with engine.decoding():
+            image, _ = decode_image(
+                data, f"the upload {file.filename or ''}".strip(), draft_size=service.image_size
+            )
+            return service.prepare(image)
+
+    def results_body(service: SearchService, hits, query: dict, t0: float) -> dict:
+        metric = service.index.manifest.metric
+        return {
+            "query": query,
+            "metric": metric,
+            "score": "similarity" if metric == "cosine" else "distance",
+            "results": [_hit_json(h) for h in hits],
+            "took_ms": _ms(time.perf_counter() - t0),
+        }
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> HTMLResponse:
         return HTMLResponse(page)
@@ -213,13 +390,21 @@ def create_app(
         )
 
     @app.get("/health")
-    def health() -> dict:
-        """Liveness: the index is loaded and how many images it holds."""
-        return {"status": "ok", "items": len(service)}
+    def health() -> JSONResponse:
+        """Liveness: 503 ``loading`` until the index and model are loaded, then ``ok`` and how
+        many images the index holds."""
+        if engine.loading:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        try:
+            service = engine.service
+        except HTTPException as exc:
+            return JSONResponse({"status": "failed", "detail": exc.detail}, status_code=503)
+        return JSONResponse({"status": "ok", "items": len(service)})
 
     @app.get("/stats")
     def stats() -> dict:
         """What the index holds, how it was built, and what the server has done."""
+        service = engine.service
         with counters_lock:
             served = dict(counters)
         return {
@@ -228,7 +413,14 @@ def create_app(
             "uptime_s": round(time.time() - started, 1),
             "max_k": MAX_K,
             "max_upload_bytes": max_upload_bytes,
+            "max_batch": engine.max_batch,
             "writes_need_token": token is not None,
+            "thumbnail_cache": {
+                "items": len(engine.thumbnails),
+                "bytes": engine.thumbnails.size,
+                "hits": engine.thumbnails.hits,
+                "misses": engine.thumbnails.misses,
+            },
         }
 
     @app.post("/search")
@@ -238,37 +430,100 @@ def create_app(
         k: Annotated[int, Form(ge=1, le=MAX_K, description="Results wanted.")] = DEFAULT_K,
         nprobe: Annotated[int | None, Form(ge=1, description="IVF lists to visit.")] = None,
         ef_search: Annotated[int | None, Form(ge=1, le=65536, description="HNSW depth.")] = None,
-    ) -> dict:
+    ) -> JSONResponse:
         """Rank the indexed images by similarity to an uploaded image or an indexed one."""
+        from retrieval.serving.service import Query as SearchQuery
+
         t0 = time.perf_counter()
+        service = engine.service
         if (file is None) == (id is None):
             raise HTTPException(400, "send either an image file or the id of an indexed image")
-        if file is not None:
-            _, image, _ = _read_upload(file)
-            query = {"filename": file.filename}
-        else:
-            image = service.image(id)
-            query = {"id": id}
-        hits = service.search([image], k, nprobe=nprobe, ef_search=ef_search)[0]
+        with engine.arriving():
+            if file is not None:
+                image = prepared_upload(file, service)
+                query = {"filename": file.filename}
+            else:
+                with engine.decoding():
+                    image = service.prepare(service.image(id))
+                query = {"id": id}
+            t_decoded = time.perf_counter()
+            futures = engine.submit([SearchQuery(image, k, nprobe, ef_search)])
+        (answer,) = engine.results(futures)
+        if isinstance(answer, BaseException):
+            raise answer
         count("searches")
+        body = results_body(service, answer.hits, query, t0)
+        waited = time.perf_counter() - t_decoded - answer.embed_s - answer.search_s
+        timing = server_timing(
+            decode=t_decoded - t0,
+            queue=max(0.0, waited),
+            embed=answer.embed_s,
+            search=answer.search_s,
+            total=time.perf_counter() - t0,
+        )
+        return JSONResponse(
+            body,
+            headers={
+                "Server-Timing": f'{timing}, batch;desc="{answer.batch_size}"',
+            },
+        )
+
+    @app.post("/search/batch")
+    def search_batch(
+        files: Annotated[list[UploadFile], File(description="Query images.")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="Results wanted.")] = DEFAULT_K,
+        nprobe: Annotated[int | None, Form(ge=1, description="IVF lists to visit.")] = None,
+        ef_search: Annotated[int | None, Form(ge=1, le=65536, description="HNSW depth.")] = None,
+    ) -> JSONResponse:
+        """Search with several images at once (the same parameters for all): one answer per
+        file, in order; a file that cannot be read gets an ``error`` instead of results."""
+        from retrieval.serving.service import Query as SearchQuery
+
+        t0 = time.perf_counter()
+        service = engine.service
+        if len(files) > MAX_BATCH_FILES:
+            raise HTTPException(400, f"send at most {MAX_BATCH_FILES} files per batch")
+        answers: list = [None] * len(files)
+        futures, positions = [], []
+        with engine.arriving():
+            for pos, f in enumerate(files):
+                try:
+                    query = SearchQuery(prepared_upload(f, service), k, nprobe, ef_search)
+                except DataError as exc:
+                    answers[pos] = exc
+                    continue
+                futures += engine.submit([query])  # batched with whatever else is arriving
+                positions.append(pos)
+            t_decoded = time.perf_counter()
+        for pos, answer in zip(positions, engine.results(futures), strict=True):
+            answers[pos] = answer
+        out = []
+        for f, answer in zip(files, answers, strict=True):
+            query = {"filename": f.filename}
+            if isinstance(answer, DataError | UserError):
+                out.append({"query": query, "error": str(answer)})
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out.append({"query": query, "results": [_hit_json(h) for h in answer.hits]})
+        count("searches", len(positions))
+        good = [a for a in answers if not isinstance(a, BaseException)]
         metric = service.index.manifest.metric
-        return {
-            "query": query,
-            "metric": metric,
-            "score": "similarity" if metric == "cosine" else "distance",
-            "results": [
-                {
-                    "rank": h.rank,
-                    "id": h.id,
-                    "score": round(h.score, 6),
-                    "label": h.label,
-                    "name": Path(h.ref).name,
-                    "image": f"/images/{h.id}",
-                }
-                for h in hits
-            ],
-            "took_ms": round(1000 * (time.perf_counter() - t0), 2),
-        }
+        timing = server_timing(
+            decode=t_decoded - t0,
+            embed=max((a.embed_s for a in good), default=0.0),  # the batches overlap
+            search=max((a.search_s for a in good), default=0.0),
+            total=time.perf_counter() - t0,
+        )
+        return JSONResponse(
+            {
+                "metric": metric,
+                "score": "similarity" if metric == "cosine" else "distance",
+                "queries": out,
+                "took_ms": _ms(time.perf_counter() - t0),
+            },
+            headers={"Server-Timing": timing},
+        )
 
     @app.get("/images/{item_id}", responses={200: {"content": {"image/png": {}}}})
     def get_image(
@@ -277,15 +532,32 @@ def create_app(
             int | None, Query(ge=MIN_THUMB, le=MAX_THUMB, description="Thumbnail side, pixels.")
         ] = None,
     ) -> Response:
-        """An indexed image as PNG, looked up by id."""
-        try:
-            image = service.image(item_id)
-        except DataError as exc:
-            raise HTTPException(404, f"the image of item {item_id} cannot be read: {exc}") from None
+        """An indexed image as PNG, looked up by id; ``size`` fits it into a square of that side
+        (thumbnails are cached)."""
+        t0 = time.perf_counter()
+        service = engine.service
+        service.item(item_id)  # 404 for an unknown or removed id, before the cache
+        key = (item_id, size)
+        data = engine.thumbnails.get(key)
+        cached = data is not None
+        if data is None:
+            with engine.decoding():
+                try:
+                    pil = service.image_pil(item_id, draft_size=size)
+                except DataError as exc:
+                    raise HTTPException(
+                        404, f"the image of item {item_id} cannot be read: {exc}"
+                    ) from None
+                data = encode_png(pil, size)
+            engine.thumbnails.put(key, data)
+        timing = server_timing(total=time.perf_counter() - t0)
         return Response(
-            _png(image, size),
+            data,
             media_type="image/png",
-            headers={"Cache-Control": "private, max-age=3600"},
+            headers={
+                "Cache-Control": "private, max-age=3600",
+                "Server-Timing": f'{timing}, cache;desc="{"hit" if cached else "miss"}"',
+            },
         )
 
     @app.post("/images", status_code=201, dependencies=[Depends(require_token)])
@@ -294,9 +566,12 @@ def create_app(
         label: Annotated[str | None, Form(max_length=200, description="Class name.")] = None,
     ) -> dict:
         """Add an image; answers once the index folder is saved (a restart keeps it)."""
+        from retrieval.serving.service import UNLABELLED
+
+        service = engine.service
         if service.read_only:
             raise HTTPException(409, service.index.read_only_reason)
-        data, image, fmt = _read_upload(file)
+        data, image, fmt = decode_upload(file, service)
         path = _store_upload(data, fmt, uploads)
         name = (label or "").strip() or UNLABELLED
         (new_id,) = service.add([image], [str(path)], [name])
@@ -306,9 +581,11 @@ def create_app(
     @app.delete("/images/{item_id}", dependencies=[Depends(require_token)])
     def remove_image(item_id: int) -> dict:
         """Remove an item; answers once the index folder is saved."""
+        service = engine.service
         if service.read_only:
             raise HTTPException(409, service.index.read_only_reason)
         service.remove([item_id])
+        engine.thumbnails.discard(lambda key: key[0] == item_id)
         count("removed")
         return {"removed": item_id, "items": len(service)}
 
@@ -331,6 +608,55 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_servable(
+    index_dir: str | os.PathLike, model_path: str | os.PathLike | None = None
+) -> None:
+    """The quick checks made before the server listens (without torch or FAISS): the index
+    folder has a manifest, and the model (given, or the one it names) exists. Loading checks
+    the rest (checksums, the model's hash).
+
+    Raises:
+        UserError: either is missing.
+    """
+    manifest = Path(index_dir) / MANIFEST_FILE
+    if not manifest.is_file():
+        raise UserError(
+            f"{index_dir} is not an index folder (no {MANIFEST_FILE}); build one "
+            "with `retrieval index build`"
+        )
+    if model_path is None:
+        try:
+            model_path = json.loads(manifest.read_text(encoding="utf-8"))["model_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # loading gives the full message
+    if not Path(model_path).is_file():
+        raise UserError(f"the model {model_path} is gone; pass --model CHECKPOINT")
+
+
+def load_service(
+    index_dir: str | os.PathLike,
+    model_path: str | os.PathLike | None,
+    device: str,
+    mmap: bool,
+    max_batch: int,
+    locks: contextlib.ExitStack,
+) -> SearchService:
+    """Lock the index folder (unless ``mmap``), load the index and model, set the thread
+    counts for ``max_batch`` and warm the model up (the first search as fast as the tenth)."""
+    from retrieval.serving.service import SearchService, configure_threads, index_lock
+
+    t0 = time.perf_counter()
+    if not mmap:
+        locks.enter_context(index_lock(index_dir))
+    configure_threads(batched=max_batch > 1)
+    service = SearchService(index_dir, model_path, device=device, mmap=mmap)
+    service.warm_up(sorted({1, min(8, max_batch), max_batch}))
+    logger.info(
+        "loaded %s (%d images) in %.1f s", index_dir, len(service), time.perf_counter() - t0
+    )
+    return service
+
+
 def serve(
     index_dir: str | os.PathLike,
     model_path: str | os.PathLike | None = None,
@@ -341,13 +667,24 @@ def serve(
     mmap: bool = False,
     device: str = "cpu",
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = 1000 * DEFAULT_MAX_WAIT,
+    max_decodes: int = DEFAULT_MAX_DECODES,
 ) -> None:
-    """Load the index and model, then run the server until interrupted (uvicorn).
+    """Run the server until interrupted (uvicorn), loading the index and model meanwhile.
 
-    The index folder is locked against other writers while the server runs (unless ``mmap``).
+    The server listens at once and answers ``/health`` with 503 ``loading`` while a thread
+    imports torch and FAISS, loads the index and model and warms the model up; then with
+    ``ok``. If loading fails, the server stops and the error is raised here. The index folder
+    is locked against other writers while the server runs (unless ``mmap``).
+
+    Raises:
+        UserError: the index or model cannot be loaded (also checked before listening: the
+            index folder and the model file exist).
     """
     import uvicorn
 
+    check_servable(index_dir, model_path)
     token = token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and token is None:
         logger.warning(
@@ -356,8 +693,37 @@ def serve(
             host,
             TOKEN_ENV,
         )
-    service = SearchService(index_dir, model_path, device=device, mmap=mmap)
     uploads = Path(uploads_dir) if uploads_dir is not None else default_uploads_dir(index_dir)
-    app = create_app(service, uploads, token=token, max_upload_bytes=max_upload_bytes)
-    with index_lock(index_dir) if not mmap else contextlib.nullcontext():
-        uvicorn.run(app, host=host, port=port, log_level="info")
+    loaded: Future = Future()
+    app = create_app(
+        loaded,
+        uploads,
+        token=token,
+        max_upload_bytes=max_upload_bytes,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_decodes=max_decodes,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+
+    with contextlib.ExitStack() as locks:
+
+        def load() -> None:
+            try:
+                loaded.set_result(
+                    load_service(index_dir, model_path, device, mmap, max_batch, locks)
+                )
+            except BaseException as exc:  # noqa: BLE001 - raised again below
+                loaded.set_exception(exc)
+                server.should_exit = True
+
+        loader = threading.Thread(target=load, name="load-index", daemon=True)
+        loader.start()
+        try:
+            server.run()
+        finally:
+            app.state.engine.close()
+        loader.join()
+        exc = loaded.exception()
+        if exc is not None:
+            raise exc

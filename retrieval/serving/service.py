@@ -2,7 +2,9 @@
 
 :class:`SearchService` pairs an index folder with the model its vectors came from (checked by
 SHA-256 when loading), embeds query images, searches, and adds or removes images, persisting
-every change before it returns.
+every change before it returns. :meth:`SearchService.search_batch` serves many searches, each
+with its own ``k`` and search parameters, with one forward pass (the server's micro-batches);
+:meth:`SearchService.search_files` searches with a folder's worth of query files.
 
 Concurrency (the server calls it from many threads): searches share a read lock, changes take
 the write lock only while the in-memory index changes, so no search ever sees a half-applied
@@ -21,14 +23,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data import images
-from data.datasets import read_ref
+from data.datasets import BUILTIN, read_ref
 from data.errors import DataError
 from retrieval.atomic import FolderBusyError, folder_lock, recover_dir
 from retrieval.errors import UserError
@@ -42,23 +47,69 @@ logger = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"
 #: Images embedded per forward pass.
 EMBED_BATCH = 64
+#: Images decoded at once by :meth:`SearchService.search_files`.
+DECODE_THREADS = 4
+
+
+@dataclass(frozen=True)
+class Query:
+    """One search of a batch: a preprocessed image and its own search parameters."""
+
+    #: the image after the model's preprocessing, float ``(3, S, S)``
+    image: torch.Tensor
+    k: int
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The hits of one :class:`Query`, and how long its batch took (for ``Server-Timing``)."""
+
+    hits: list[Hit]
+    #: seconds of the batch's forward pass, and of the FAISS search that served this query
+    embed_s: float
+    search_s: float
+    #: queries in the forward pass
+    batch_size: int
 
 
 # ------------------------------------------------------------------------------ images
 
 
-def decode_image(data: bytes, what: str = "the upload") -> tuple[torch.Tensor, str]:
+def decode_image(
+    data: bytes, what: str = "the upload", draft_size: int | None = None
+) -> tuple[torch.Tensor, str]:
     """Decode image bytes to a uint8 ``(3, H, W)`` RGB tensor and PIL's format name.
 
-    The guards of :func:`data.images.decode_image` apply (decompression bombs, corrupt data).
+    The guards of :func:`data.images.decode_image` apply (decompression bombs, corrupt data);
+    ``draft_size`` decodes JPEGs at a reduced scale still at least that many pixels a side.
 
     Raises:
         DataError: empty, not an image, corrupt or truncated, or too large.
     """
     if not data:
         raise DataError(f"{what} is empty")
-    rgb, fmt = images.decode_image(io.BytesIO(data), what)
+    rgb, fmt = images.decode_image(io.BytesIO(data), what, draft_size)
     return images.to_tensor(rgb), fmt
+
+
+def configure_threads(batched: bool) -> None:
+    """Set torch's and FAISS's thread counts for a server process.
+
+    Batched, one worker thread runs every forward pass and search: it gets all the cores but
+    one, which is left to the event loop, the request threads and their decoding (on 2 cores:
+    one thread). Unbatched, each request runs its own forward pass and search concurrently with
+    the others: one thread each, so that ``n`` requests use ``n`` cores instead of
+    ``n x cores`` threads. Either way no parallel region waits at a barrier for a thread that
+    another request's thread has pushed off its core (measured on 2 busy cores: a forward pass
+    of the small CNN took ten times longer with 2 threads than with 1).
+    """
+    import faiss
+
+    n = max(1, (os.cpu_count() or 1) - 1) if batched else 1
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------ locks
@@ -202,6 +253,119 @@ class SearchService:
         """Hits per query image."""
         return self.search_vectors(self.embed(images), k, nprobe, ef_search)
 
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """The model's preprocessing of one uint8 ``(3, H, W)`` image: float ``(3, S, S)``."""
+        return self.transform(image)
+
+    def search_batch(self, queries: Sequence[Query]) -> list[Answer | UserError]:
+        """Serve many searches with one forward pass and one FAISS call per distinct
+        ``(k, nprobe, ef_search)``.
+
+        Each query gets the hits :meth:`search` gives it alone: queries are grouped by their
+        exact parameters rather than searched at the largest ``k`` and cut, because an HNSW
+        search explores ``max(efSearch, k)`` candidates (a larger ``k`` can change the top
+        results). A group whose parameters are invalid (``nprobe`` on an HNSW index, say)
+        gets its :class:`~retrieval.errors.UserError` in place of answers; the other groups
+        are served.
+        """
+        if not queries:
+            return []
+        t0 = time.perf_counter()
+        x = torch.stack([q.image for q in queries])  # (batch, 3, S, S)
+        xq = embed_images(self.model, x, self.device).astype(np.float32, copy=False)
+        embed_s = time.perf_counter() - t0
+        groups: dict[tuple, list[int]] = {}
+        for pos, q in enumerate(queries):
+            groups.setdefault((q.k, q.nprobe, q.ef_search), []).append(pos)
+        out: list[Answer | UserError] = [None] * len(queries)  # type: ignore[list-item]
+        for (k, nprobe, ef_search), positions in groups.items():
+            t1 = time.perf_counter()
+            try:
+                hits = self.search_vectors(xq[positions], k, nprobe, ef_search)
+            except UserError as exc:
+                for pos in positions:
+                    out[pos] = exc
+                continue
+            search_s = time.perf_counter() - t1
+            for pos, h in zip(positions, hits, strict=True):
+                out[pos] = Answer(h, embed_s, search_s, len(queries))
+        return out
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 8)) -> None:
+        """Run the model and the index once per batch size, and read one indexed image, so that
+        the first real search is as fast as the tenth (lazy allocations, kernel selection, page
+        faults, a built-in data set's arrays)."""
+        s = self.image_size
+        for n in batch_sizes:
+            x = torch.zeros((n, 3, s, s), dtype=torch.uint8)
+            self.search_batch([Query(self.prepare(img), 1) for img in x])
+        with self._rw.read():
+            first = next(iter(self.index.items), None)
+        if first is not None:  # "more like this" reads items: a built-in set is loaded once
+            try:
+                self.image(first)
+            except DataError as exc:
+                logger.warning("the indexed image %d cannot be read: %s", first, exc)
+
+    def search_files(
+        self,
+        paths: Sequence[str],
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        read: Callable[[str], torch.Tensor] | None = None,
+    ) -> tuple[list[str], list[list[Hit]], list[tuple[str, str]]]:
+        """Search with many query files (a folder's): decoded by :data:`DECODE_THREADS`
+        threads, embedded :data:`EMBED_BATCH` at a time, searched in one FAISS call per batch.
+        Unreadable files are skipped and reported, as ``index add`` does.
+
+        Args:
+            paths: query files (or references ``read`` understands).
+            k, nprobe, ef_search: as for :meth:`search`.
+            read: reads one query as a uint8 ``(3, H, W)`` tensor; default: an image file,
+                JPEGs decoded at a reduced scale (as when the index was built).
+
+        Returns:
+            ``(searched, hits, skipped)``: the paths searched, their hits in the same order,
+            and ``(path, reason)`` for each file skipped.
+        """
+        if read is None:
+
+            def read(path: str) -> torch.Tensor:
+                return images.read_image(path, draft_size=self.image_size)
+
+        def load(path: str) -> torch.Tensor | DataError:
+            try:
+                return self.prepare(read(path))
+            except DataError as exc:
+                return exc
+
+        searched: list[str] = []
+        hits: list[list[Hit]] = []
+        skipped: list[tuple[str, str]] = []
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
+            for start in range(0, len(paths), EMBED_BATCH):
+                chunk = list(paths[start : start + EMBED_BATCH])
+                good, x = [], []
+                for path, img in zip(chunk, pool.map(load, chunk), strict=True):
+                    if isinstance(img, DataError):
+                        skipped.append((path, str(img)))
+                    else:
+                        good.append(path)
+                        x.append(img)
+                if not x:
+                    continue
+                xq = embed_images(self.model, torch.stack(x), self.device)
+                searched += good
+                hits += self.search_vectors(xq.astype(np.float32, copy=False), k, nprobe, ef_search)
+        if skipped:
+            logger.warning(
+                "skipped %d unreadable query file(s): %s",
+                len(skipped),
+                "; ".join(reason for _, reason in skipped[:5]),
+            )
+        return searched, hits, skipped
+
     def item(self, item_id: int) -> Item:
         """The item with this id.
 
@@ -221,6 +385,14 @@ class SearchService:
     def image(self, item_id: int) -> torch.Tensor:
         """Pixels of an indexed item, uint8 ``(3, H, W)`` (read from its reference)."""
         return read_ref(self.item(item_id).ref)
+
+    def image_pil(self, item_id: int, draft_size: int | None = None) -> Image.Image:
+        """An indexed item as an RGB PIL image; ``draft_size``: JPEGs are decoded at a reduced
+        scale still at least that many pixels a side (thumbnails of large photos)."""
+        ref = self.item(item_id).ref
+        if ref.startswith(BUILTIN + ":"):
+            return Image.fromarray(read_ref(ref).permute(1, 2, 0).numpy())
+        return images.open_image(ref, draft_size)
 
     def stats(self) -> dict:
         with self._rw.read():

@@ -99,7 +99,8 @@ def test_search_page_upload_then_more_like_this(server_url, tmp_path):
             assert ids[0] == gallery_id and len(ids) == 12
             first = page.locator("#results .result").first
             label = service.label_name(service.item(gallery_id).label)
-            sync_api.expect(first).to_contain_text(label)
+            sync_api.expect(first.locator(".label")).to_have_text(label)
+            sync_api.expect(first.locator(".name")).to_have_text(Path(gallery_file).name)
             sync_api.expect(first.locator(".score")).to_have_text("1.000")
             assert page.locator("#query-image").get_attribute("src").startswith("blob:")
             page.wait_for_function(  # thumbnails really loaded

@@ -8,7 +8,9 @@ import os
 import shutil
 import struct
 import threading
+import time
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +299,152 @@ def test_service_refuses_an_index_of_another_model(index_dir, tmp_path, trained_
     torch.save({**state, "note": "retrained"}, other)  # a valid, different checkpoint
     with pytest.raises(UserError, match="another model"):
         SearchService(index_dir, other, device="cpu")
+
+
+# ------------------------------------------------------------------------------ batching, timing
+
+
+def test_answers_carry_server_timing(client, service):
+    name, data = _gallery_file(service, 4)
+    r = client.post("/search", files={"file": (name, data, "image/png")}, data={"k": "3"})
+    assert r.status_code == 200
+    timing = dict(part.strip().split(";", 1) for part in r.headers["server-timing"].split(","))
+    assert {"decode", "queue", "embed", "search", "total"} <= set(timing)
+    durations = {k: float(v.removeprefix("dur=")) for k, v in timing.items() if k != "batch"}
+    assert all(d >= 0 for d in durations.values())
+    assert durations["total"] >= durations["embed"] and timing["batch"] == 'desc="1"'
+
+
+def test_concurrent_searches_share_batches_and_get_their_own_results(service):
+    """Threads searching at once through the batcher (a long window, so that batches form) get
+    exactly what each search gives alone."""
+    from retrieval.serving.server import Engine
+    from retrieval.serving.service import Query
+
+    engine = Engine(service, max_batch=16, max_wait=0.2)
+    ids = list(range(0, 300, 25))
+    settings = [(3, None), (7, None), (1, None)]
+    start = threading.Barrier(len(ids))
+    answers: dict[int, object] = {}
+
+    def one(n: int, item: int) -> None:
+        k, _ = settings[n % 3]
+        start.wait()
+        with engine.arriving():  # as the endpoint does while it decodes
+            query = Query(service.prepare(service.image(item)), k)
+            futures = engine.submit([query])
+        answers[item] = engine.results(futures)[0]
+
+    threads = [threading.Thread(target=one, args=(n, i)) for n, i in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.close()
+    assert max(a.batch_size for a in answers.values()) > 1
+    for n, item in enumerate(ids):
+        k = settings[n % 3][0]
+        alone = service.search([service.image(item)], k)[0]
+        assert [h.id for h in answers[item].hits] == [h.id for h in alone]
+        assert answers[item].hits[0].id == item
+
+
+def test_batch_endpoint_fails_a_bad_image_alone(client, service):
+    files = [
+        ("files", _gallery_file(service, 10) + ("image/png",)),
+        ("files", ("bad.png", b"not an image", "image/png")),
+        ("files", _gallery_file(service, 20) + ("image/png",)),
+    ]
+    r = client.post("/search/batch", files=files, data={"k": "2"})
+    assert r.status_code == 200, r.text
+    queries = r.json()["queries"]
+    assert [q["query"]["filename"] for q in queries] == [files[0][1][0], "bad.png", files[2][1][0]]
+    assert queries[0]["results"][0]["id"] == 10 and queries[2]["results"][0]["id"] == 20
+    assert "results" not in queries[1] and "not an image" in queries[1]["error"]
+    assert "embed" in r.headers["server-timing"]
+    r = client.post("/search/batch", files=files[:1], data={"nprobe": "3"})
+    assert "nprobe applies to IVF" in r.json()["queries"][0]["error"]
+
+
+def test_unbatched_server_gives_the_same_answers(service, tmp_path):
+    batched = TestClient(create_app(service, tmp_path / "up"))
+    alone = TestClient(create_app(service, tmp_path / "up", max_batch=1))
+    name, data = _gallery_file(service, 77)
+    files = {"file": (name, data, "image/png")}
+    a = batched.post("/search", files=files, data={"k": "9"}).json()["results"]
+    b = alone.post("/search", files=files, data={"k": "9"}).json()["results"]
+    assert [h["id"] for h in a] == [h["id"] for h in b] and a[0]["id"] == 77
+
+
+def test_health_says_loading_until_the_service_is_ready(service, tmp_path):
+    loading: Future = Future()
+    client = TestClient(create_app(loading, tmp_path / "up"))
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    assert client.get("/").status_code == 200  # the page is served meanwhile
+    r = client.post("/search", data={"id": "1"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    loading.set_result(service)
+    assert client.get("/health").json() == {"status": "ok", "items": 300}
+    assert client.post("/search", data={"id": "1"}).json()["results"][0]["id"] == 1
+
+
+def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch):
+    import retrieval.serving.service as service_module
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    real = service_module.decode_image
+
+    def slow_decode(*args, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "decode_image", slow_decode)
+    client = TestClient(create_app(service, tmp_path / "up", max_decodes=2))
+    name, data = _gallery_file(service, 3)
+    codes = []
+
+    def post():
+        r = client.post("/search", files={"file": (name, data, "image/png")})
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 6
+    assert most == 2  # six uploads at once, two decoding at a time
+
+
+def test_thumbnails_of_large_photos_are_fitted_and_cached(service, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "holiday.jpg"
+    big = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8).repeat(100, 0).repeat(100, 1)
+    Image.fromarray(big).save(photo, quality=90)  # 4000 x 3000
+    (new_id,) = service.add_vectors(np.ones((1, 128), np.float32), [str(photo)], ["photos"])
+    calls = []
+    real = service.image_pil
+
+    def spy(item_id, draft_size=None):
+        calls.append(draft_size)
+        return real(item_id, draft_size)
+
+    monkeypatch.setattr(service, "image_pil", spy)
+    client = TestClient(create_app(service, tmp_path / "up"))
+    first = client.get(f"/images/{new_id}?size=160")
+    assert first.status_code == 200 and 'cache;desc="miss"' in first.headers["server-timing"]
+    assert Image.open(io.BytesIO(first.content)).size == (160, 120)
+    second = client.get(f"/images/{new_id}?size=160")
+    assert second.content == first.content and 'desc="hit"' in second.headers["server-timing"]
+    assert calls == [160]  # decoded once, at a reduced scale
+    assert client.get("/stats").json()["thumbnail_cache"]["hits"] == 1
+    assert client.delete(f"/images/{new_id}").status_code == 200
+    assert client.get(f"/images/{new_id}?size=160").status_code == 404  # not from the cache

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.errors import UserError
 from retrieval.index.gallery import GalleryIndex
-from retrieval.serving.service import decode_image, index_lock
+from retrieval.serving.service import Query, SearchService, decode_image, index_lock
 from tests.conftest import run_cli
 
 
@@ -206,3 +207,49 @@ def test_decode_image_reads_common_formats(fmt, tmp_path):
     assert (
         found == fmt and tuple(image.shape) == (3, 5, 7) and image.dtype.is_floating_point is False
     )
+
+
+# ------------------------------------------------------------------------------ batched search
+
+#: (k, nprobe, ef_search) per query, cycled over the batch; one HNSW setting is invalid.
+SETTINGS = {
+    "HNSW16": [(1, None, 4), (5, None, 16), (10, None, None), (3, None, 64), (3, 2, None)],
+    "IVF4,Flat": [(5, 1, None), (5, 4, None), (10, None, None), (2, 2, None)],
+}
+
+
+@pytest.mark.parametrize("spec", sorted(SETTINGS))
+def test_a_batch_with_mixed_k_and_parameters_gives_the_unbatched_results(typed_index, spec):
+    service = SearchService(typed_index(spec), device="cpu")
+    images = [service.image(i) for i in range(0, 300, 11)]  # 28 queries
+    settings = [SETTINGS[spec][n % len(SETTINGS[spec])] for n in range(len(images))]
+    queries = [Query(service.prepare(img), *s) for img, s in zip(images, settings, strict=True)]
+    answers = service.search_batch(queries)
+    assert len(answers) == len(images)
+    differs = False
+    for img, (k, nprobe, ef), answer in zip(images, settings, answers, strict=True):
+        if nprobe is not None and spec.startswith("HNSW"):
+            assert isinstance(answer, UserError) and "nprobe applies to IVF" in str(answer)
+            continue
+        alone = service.search([img], k, nprobe=nprobe, ef_search=ef)[0]
+        assert answer.batch_size == len(images)
+        assert [h.id for h in answer.hits] == [h.id for h in alone]
+        assert [h.score for h in answer.hits] == pytest.approx([h.score for h in alone], abs=1e-5)
+        assert len(answer.hits) == k
+        if spec.startswith("IVF") and nprobe == 1:
+            wide = service.search([img], k, nprobe=4)[0]
+            differs |= [h.id for h in wide] != [h.id for h in alone]
+    if spec.startswith("IVF"):
+        assert differs  # nprobe was honoured per query: 1 list misses neighbours 4 lists find
+
+
+def test_search_files_skips_unreadable_queries(typed_index, digits_folder, tmp_path):
+    service = SearchService(typed_index("Flat"), device="cpu")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    paths = [str(p) for p in sorted(digits_folder.rglob("*.png"))[:70]]  # more than a batch
+    paths.insert(3, str(tmp_path / "broken.png"))
+    searched, hits, skipped = service.search_files(paths, k=2)
+    assert searched == [p for p in paths if "broken" not in p]
+    assert [h[0].id for h in hits] == list(range(70))  # each gallery image finds itself
+    assert len(skipped) == 1 and skipped[0][0].endswith("broken.png")
+    assert "not an image" in skipped[0][1]

@@ -1,0 +1,23 @@
+"""Index folders of the digits, built once per session through the command line, per type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_index
+
+
+@pytest.fixture(scope="session")
+def typed_index(tmp_path_factory, trained_run, digits_folder):
+    """``typed_index("HNSW16")``: an index folder of the 300 digits of that FAISS type."""
+    built: dict[str, Path] = {}
+
+    def make(spec: str) -> Path:
+        if spec not in built:
+            out = tmp_path_factory.mktemp("typed") / "index"
+            built[spec] = build_index(digits_folder, trained_run / "best.pt", out, "--index", spec)
+        return built[spec]
+
+    return make
