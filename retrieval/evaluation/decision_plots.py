@@ -56,7 +56,10 @@ def calibration_curves(cal: Calibration, out: str | os.PathLike) -> Path:
     distance_name = "1 - cosine" if cal.metric == "cosine" else "euclidean distance"
     ax1.set_xlabel(f"threshold ({distance_name})")
     ax1.set_ylim(-0.02, 1.02)
-    ax1.set_title(f"{cal.queries} queries ({cal.open_set_queries} of absent classes)", fontsize=9)
+    title = f"{cal.queries} queries"
+    if cal.open_set_queries:
+        title += f" ({cal.open_set_queries} of classes absent from the gallery)"
+    ax1.set_title(title, fontsize=9)
     ax1.legend(fontsize=8, loc="center right")
     ax2.plot(curve["recall"], curve["precision"], color=COLOURS["precision"], lw=1.5)
     for c in cal.cutpoints.values():
