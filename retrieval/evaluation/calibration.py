@@ -130,6 +130,83 @@ def nearest_outcome(
     return np.where(found, d, np.inf), correct
 
 
+def nearest(
+    xq: np.ndarray,
+    xb: np.ndarray | None = None,
+    metric: str = "cosine",
+    self_index: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest gallery item of each query, never the query itself: ``(d, i)``.
+
+    A FAISS exact search (:func:`retrieval.evaluation.evaluate.top_k`), its scores turned into
+    distances (lower is closer: ``1 - cos``, or the Euclidean distance).
+
+    Args:
+        xq: queries ``(nq, dim)``.
+        xb: gallery ``(nb, dim)``; None = leave-one-out on ``xq``.
+        metric: ``cosine`` or ``l2``.
+        self_index: gallery position of each query (-1 = not in the gallery), ``(nq,)``.
+
+    Returns:
+        float64 distances ``(nq,)`` and int64 gallery positions ``(nq,)``.
+
+    Example:
+        >>> d, i = nearest(np.array([[0.0], [1.0], [3.0]], np.float32), metric="l2")
+        >>> d.tolist(), i.tolist()
+        ([1.0, 1.0, 2.0], [1, 0, 1])
+    """
+    from retrieval.evaluation.evaluate import top_k
+
+    _check_metric(metric)
+    if xb is None:
+        xb, self_index = xq, np.arange(len(xq))
+    d, i = top_k(xq, xb, 1, metric, self_index=self_index)
+    d = d[:, 0].astype(np.float64)
+    d = 1.0 - d if metric == "cosine" else np.sqrt(np.maximum(d, 0.0))  # top_k: sim / squared
+    return np.maximum(d, 0.0), i[:, 0].astype(np.int64)
+
+
+def decision_at(
+    xq: np.ndarray,
+    yq: np.ndarray,
+    threshold: float,
+    xb: np.ndarray | None = None,
+    yb: np.ndarray | None = None,
+    metric: str = "cosine",
+    self_index: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The classification-at-threshold figures of embeddings (for ``retrieval evaluate``).
+
+    Each query's nearest gallery item (:func:`nearest`) decides its label, or "no match" past
+    ``threshold``; :func:`classification_at` counts the outcomes. Queries whose label no
+    gallery item has are the open set: they should all come out "no match".
+
+    Args:
+        xq, yq: query embeddings ``(nq, dim)`` and labels ``(nq,)`` (names or numbers, compared
+            by value with ``yb``).
+        threshold: the cut-point distance.
+        xb, yb: the gallery; None = leave-one-out on the queries.
+        metric, self_index: see :func:`nearest`.
+
+    Example:
+        >>> x = np.array([[0.0], [0.1], [5.0], [5.2], [20.0]], np.float32)
+        >>> r = decision_at(x, np.array(["a", "a", "b", "b", "c"]), 0.5, metric="l2")
+        >>> r["precision"], r["recall"], r["open_set_no_match"]
+        (1.0, 1.0, 1.0)
+    """
+    yq = np.asarray(yq)
+    yb = yq if xb is None else np.asarray(yb)
+    if xb is None:
+        # leave-one-out: a query is open-set when no *other* item has its label
+        values, counts = np.unique(yq, return_counts=True)
+        open_set = np.isin(yq, values[counts == 1])
+    else:
+        open_set = ~np.isin(yq, yb)
+    d, i = nearest(xq, xb, metric, self_index)
+    dist, correct = nearest_outcome(d, i, yq, yb)
+    return classification_at(dist, correct, threshold, open_set)
+
+
 # ---------------------------------------------------------------------------------- sweep
 
 

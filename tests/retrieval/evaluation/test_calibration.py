@@ -16,6 +16,7 @@ from retrieval.evaluation.calibration import (
     calibrate,
     choose_cutpoints,
     classification_at,
+    decision_at,
     match,
     nearest_outcome,
     sweep,
@@ -225,3 +226,34 @@ def test_to_distance_cosine_similarity():
     assert to_distance(np.array([0.9]), "cosine", True).tolist() == pytest.approx([0.1])
     with pytest.raises(ValueError):
         to_distance(np.array([0.9]), "l2", True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_decision_at_equals_brute_force_search(metric):
+    rng = np.random.default_rng(4)
+    xb = rng.normal(size=(40, 6)).astype(np.float32)
+    yb = rng.integers(0, 4, 40)
+    xq = rng.normal(size=(25, 6)).astype(np.float32)
+    yq = rng.integers(0, 6, 25)  # classes 4 and 5 are not in the gallery
+    if metric == "cosine":
+        u = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+        dm = 1 - u(xq).astype(np.float64) @ u(xb).T.astype(np.float64)
+    else:
+        dm = np.linalg.norm(xq[:, None].astype(np.float64) - xb[None], axis=2)
+    nn = dm.argmin(axis=1)
+    d_ref, ok_ref = dm[np.arange(25), nn], yb[nn] == yq
+    srt = np.sort(d_ref)
+    t = float(srt[12] + srt[13]) / 2  # between two distances: float32 rounding cannot flip
+    got = decision_at(xq, yq, t, xb, yb, metric)
+    want = classification_at(d_ref, ok_ref, t, open_set=yq >= 4)
+    assert got["tp"] == want["tp"] and got["fp"] == want["fp"]
+    assert got["open_set_queries"] == int((yq >= 4).sum()) > 0
+    assert got["open_set_no_match"] == pytest.approx(want["open_set_no_match"])
+
+
+def test_decision_at_leave_one_out_never_matches_itself():
+    x = np.array([[0.0], [0.1], [5.0], [5.05], [20.0]], np.float32)
+    y = np.array(["a", "a", "b", "b", "c"])  # "c" has no other item: open set
+    r = decision_at(x, y, 0.2, metric="l2")
+    assert (r["tp"], r["fp"], r["tn"]) == (4, 0, 1)  # the lone item is not its own match
+    assert r["open_set_queries"] == 1 and r["open_set_no_match"] == 1.0
