@@ -25,9 +25,10 @@ Distances: lower is closer. For ``cosine`` indexes the distance is :math:`1 - \\
 inner product of unit vectors subtracted from 1, in [0, 2]); for ``l2`` the Euclidean
 distance. :func:`to_distance` converts a search's scores.
 
-The pure functions (:func:`nearest_outcome`, :func:`sweep`, :func:`choose_cutpoints`,
-:func:`classification_at`, :func:`match`) take numpy arrays and touch no file; the
-:class:`Calibration` record is what an index folder stores (``calibration.json``).
+The functions (:func:`nearest_outcome`, :func:`sweep`, :func:`choose_cutpoints`,
+:func:`classification_at`, :func:`match`; :func:`nearest` and :func:`decision_at` search
+embeddings with FAISS) take numpy arrays and touch no file; the :class:`Calibration` record is
+what an index folder stores (``calibration.json``, written atomically, nothing else touched).
 """
 
 from __future__ import annotations
