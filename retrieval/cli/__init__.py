@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer, on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 # isort: off
-from retrieval.cli import train, gallery, search, evaluate, other  # noqa: F401 (help order)
+from retrieval.cli import train, gallery, search, evaluate, decisions, other  # noqa: F401
 
 # isort: on
 from retrieval.cli._common import app, err_console

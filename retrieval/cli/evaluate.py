@@ -74,6 +74,15 @@ def evaluate_cmd(
     data_root: Annotated[Path | None, typer.Option(help="Folder of the built-in dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    cutpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--cutpoint",
+            help="Also report match / no-match figures (precision, recall, F1, false-positive "
+            "rate; open-set queries must come out 'no match') at this distance, or at a "
+            "calibrated cut-point: INDEX_DIR or INDEX_DIR:NAME.",
+        ),
+    ] = None,
 ) -> None:
     """Retrieval metrics: recall@k, precision@k, MAP@k, MAP@R, R-precision, MRR, NMI, AMI."""
     from rich.table import Table
@@ -111,6 +120,17 @@ def evaluate_cmd(
         )
     ev, info = run.evaluation, run.info
     name = info["model"]
+    if cutpoint is not None:
+        from retrieval.evaluation.calibration import decision_at
+        from retrieval.workflows import cutpoint_of
+
+        folder, _, which = cutpoint.partition(":")
+        try:
+            threshold = float(cutpoint)
+        except ValueError:
+            threshold = cutpoint_of(folder, which or None).distance
+        decision = decision_at(run.xq, run.yq, threshold, run.xb, run.yb, metric, ev.self_index)
+        ev.metrics["decision"] = {"threshold": threshold, **decision}
     if report is not None:
         from retrieval.evaluation.report import write_report
 
@@ -148,6 +168,14 @@ def evaluate_cmd(
     for key, head in metric_columns(ev.metrics, ks_t):
         table.add_row(head, f"{ev.metrics[key]:.4f}")
     console.print(table)
+    if cutpoint is not None:
+        d = ev.metrics["decision"]
+        console.print(
+            f"at distance {d['threshold']:.4g}: precision {d['precision']:.3f}  recall "
+            f"{d['recall']:.3f}  F1 {d['f1']:.3f}  false-positive rate {d['fpr']:.3f}; "
+            f"{d['open_set_no_match']:.1%} of {d['open_set_queries']} open-set queries "
+            "answered 'no match'"
+        )
     if per_class:
         pc = Table(title="per class")
         keys = [f"recall@{ks_t[0]}", "map@r", "r_precision", "mrr"]

@@ -44,28 +44,54 @@ def search_cmd(
         typer.Option("--mmap", help="Memory-map the index instead of reading it (large indexes)."),
     ] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    match: Annotated[
+        bool,
+        typer.Option(
+            "--match",
+            help="Label each query with its match's label or 'no match' (needs `retrieval "
+            "calibrate`, or --cutpoint DISTANCE).",
+        ),
+    ] = False,
+    cutpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--cutpoint", help="With --match: a cut-point name (default best_f1) or a distance."
+        ),
+    ] = None,
 ) -> None:
     """Find the images of an index most similar to each query image (one batched search)."""
     from retrieval.errors import UserError
-    from retrieval.workflows import search_index
+    from retrieval.workflows import cutpoint_of, decide, search_index
 
     if not 1 <= k <= 1000:
         raise UserError(f"--k takes a whole number from 1 to 1000, got {k}")
+    if cutpoint is not None and not match:
+        raise UserError("--cutpoint goes with --match")
+    cut = cutpoint_of(index_dir, cutpoint) if match else None  # before the work
     metric, results = search_index(index_dir, images, k, model, nprobe, ef_search, mmap, device)
+    decisions = decide(results, metric, cut) if match else [None] * len(results)
     score_name = "similarity" if metric == "cosine" else "distance"
     if as_json:
         doc = {
             "metric": metric,
-            "queries": [{"query": r.query, "results": [vars(h) for h in r.hits]} for r in results],
+            "queries": [
+                {"query": r.query, "results": [vars(h) for h in r.hits]}
+                | ({"decision": d} if match else {})
+                for r, d in zip(results, decisions, strict=True)
+            ],
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         from rich.table import Table
         from rich.text import Text
 
-        for r in results:
+        for r, decision in zip(results, decisions, strict=True):
             # a Text title: rich would turn ':train:' in fashion-mnist:train:0 into an emoji
-            table = Table(title=Text(f"query: {r.query}"))
+            title = Text(f"query: {r.query}")
+            if decision is not None:
+                style = "bold red" if decision == "no match" else "bold green"
+                title.append(f"  -> {decision}", style=style)
+            table = Table(title=title)
             for col, just in (
                 ("rank", "right"),
                 ("id", "right"),

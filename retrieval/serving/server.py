@@ -271,6 +271,35 @@ def _hit_json(h) -> dict:
     }
 
 
+_calibrations: dict[str, tuple[float, object]] = {}
+
+
+def decision_of(service: SearchService, hits) -> dict:
+    """``{"decision": label or "no match", "cutpoint": {...}}`` when the index folder is
+    calibrated (``retrieval calibrate``; re-read when the file changes), else ``{}``."""
+    import numpy as np
+
+    from retrieval.evaluation.calibration import CALIBRATION_FILE, Calibration, match, to_distance
+
+    path = Path(service.index_dir) / CALIBRATION_FILE
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    cached = _calibrations.get(str(path))
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, Calibration.load(service.index_dir))
+        _calibrations[str(path)] = cached
+    cut = cached[1].cutpoint()
+    metric = service.index.manifest.metric
+    if hits:
+        dist = to_distance(np.array([hits[0].score]), metric, similarity=metric == "cosine")
+        decision = match(dist, [hits[0].label], cut)[0]
+    else:
+        decision = match(np.array([np.inf]), [None], cut)[0]
+    return {"decision": decision, "cutpoint": {"name": cut.name, "distance": cut.distance}}
+
+
 def create_app(
     service: SearchService | Future,
     uploads_dir: str | os.PathLike,
@@ -371,6 +400,7 @@ def create_app(
             "metric": metric,
             "score": "similarity" if metric == "cosine" else "distance",
             "results": [_hit_json(h) for h in hits],
+            **decision_of(service, hits),
             "took_ms": _ms(time.perf_counter() - t0),
         }
 
