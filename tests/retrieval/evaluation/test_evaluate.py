@@ -16,9 +16,8 @@ from retrieval.evaluation.evaluate import (
     kmeans_clusters,
     read_query_gallery_flags,
     split_query_gallery,
-    top_k,
 )
-from retrieval.index.gallery import normalize
+from retrieval.index.knn import knn, normalize
 
 PML_KEYS = {
     "precision_at_1": "recall@1",
@@ -127,11 +126,11 @@ def test_memory_is_linear_in_queries_not_quadratic():
 
 def test_top_k_never_returns_the_query_itself():
     x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
-    _, i = top_k(x, x, 3, "cosine", self_index=np.arange(4))
+    _, i = knn(x, x, 3, "cosine", self_index=np.arange(4))
     for q in range(4):
         assert q not in i[q] and len(set(i[q])) == 3
     with pytest.raises(UserError, match="cannot rank 4"):
-        top_k(x, x, 4, "cosine", self_index=np.arange(4))
+        knn(x, x, 4, "cosine", self_index=np.arange(4))
 
 
 def test_errors_say_what_is_wrong():

@@ -391,7 +391,7 @@ def test_a_damaged_journal_line_is_refused(tmp_path):
 
 
 def test_a_large_journal_is_folded_into_a_new_snapshot(tmp_path, monkeypatch):
-    import retrieval.index.gallery as index_module
+    import retrieval.index.journal as index_module
 
     xb, labels, refs = _gallery()
     index = GalleryIndex.build(xb, refs, labels, list("abcde"))
