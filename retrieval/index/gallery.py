@@ -29,19 +29,17 @@ index types return approximate scores.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_dir, file_sha256, real_path
+from retrieval.atomic import real_path
 from retrieval.errors import UserError
 from retrieval.index import journal as wal
 from retrieval.index.factory import (
@@ -56,25 +54,19 @@ from retrieval.index.factory import (
     nlist_for,
     parse_memory,
     search_parameters,
-    stdout_to_stderr,
     train,
-    training_positions,
 )
 from retrieval.index.knn import as_faiss, knn, knn_leave_one_out, normalize, user_scores
 from retrieval.index.manifest import (
-    FORMAT_VERSION,
     INDEX_FILE,
     IVFDATA_FILE,
     JOURNAL_FILE,
-    MANIFEST_FILE,
-    METADATA_FILE,
     METRICS,
     Manifest,
-    check_metric,
     is_index_folder,
-    new_manifest,
     read_manifest,
 )
+from retrieval.index.snapshot import Item, Snapshot, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +96,6 @@ __all__ = [
 
 #: HNSW is rebuilt once removed-but-still-in-the-graph items exceed this fraction of it.
 HNSW_COMPACT_FRACTION = 0.25
-#: :meth:`GalleryIndex.build_in_parts` reads and adds at most this many vectors at a time
-#: (32 MB of 128-d float32), so a gallery held in memory-mapped parts is never loaded whole.
-ADD_BLOCK = 65_536
-_FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 class UnknownIdError(UserError):
@@ -131,17 +119,6 @@ class GalleryPart:
     xb: np.ndarray
     refs: Sequence[str]
     labels: np.ndarray
-
-
-@dataclass
-class Item:
-    """One indexed image: its stable id, reference, label (index into class names), and when
-    it was added (seconds since the epoch)."""
-
-    id: int
-    ref: str
-    label: int
-    added: float
 
 
 @dataclass
@@ -263,13 +240,15 @@ class GalleryIndex:
         """The index :meth:`build` makes of the parts' vectors concatenated, built part by part.
 
         Item ids run ``0 .. n-1`` across the parts in order. The index is trained once, on the
-        sample :meth:`build` would draw (:func:`training_positions`, gathered from the parts).
+        sample :meth:`build` would draw (:func:`~retrieval.index.factory.training_positions`,
+        gathered from the parts).
         For IVF types every part is then added to its own copy of the trained index — the parts
         share one coarse quantizer — and its inverted lists are appended to the result's
         (``IndexIVF.merge_from``), so the lists hold the same entries in the same order as an
         index built in one go, and search returns the same results. Other types add the parts
-        to one index. Vectors are read :data:`ADD_BLOCK` at a time: besides the index itself,
-        memory holds one block and the training sample, never the whole gallery.
+        to one index. Vectors are read :data:`~retrieval.index.build.ADD_BLOCK` at a time:
+        besides the index itself, memory holds one block and the training sample, never the
+        whole gallery.
 
         With ``on_disk`` (a work folder; IVF types only) the index itself stays out of memory
         too: each part's index is written to the folder, then their lists are merged into
@@ -280,79 +259,21 @@ class GalleryIndex:
             UserError: no vectors, parts of different dimensions, or ``on_disk`` for a type
                 without inverted lists.
         """
-        check_metric(metric)
-        n = sum(len(p.xb) for p in parts)
-        if n == 0:
-            raise UserError("cannot build an index of an empty gallery")
-        dims = sorted({p.xb.shape[1] for p in parts if p.xb.ndim == 2})
-        if len(dims) != 1 or any(p.xb.ndim != 2 for p in parts):
-            raise UserError(f"the parts hold vectors of different shapes (dimensions {dims})")
-        for p in parts:
-            if not (len(p.xb) == len(p.refs) == len(p.labels)):
-                raise ValueError("each part's xb, refs and labels must have the same length")
-        dim = dims[0]
-        if index_type == "auto":
-            index_type = choose_index_type(n, dim, memory_budget)
-            logger.info("index type for %d vectors: %s", n, index_type)
+        from retrieval.index.build import build_in_parts  # it builds instances of this class
 
-        def prepare(x: np.ndarray) -> np.ndarray:
-            return normalize(x) if metric == "cosine" else as_faiss(x)
-
-        index = make_index(index_type, dim, metric)
-        if not index.is_trained:
-            positions = training_positions(n, seed)
-            if positions is None:
-                sample = np.concatenate([prepare(p.xb[:]) for p in parts])
-            else:
-                starts = np.cumsum([0] + [len(p.xb) for p in parts])
-                sample = np.concatenate(
-                    [
-                        prepare(p.xb[positions[(positions >= a) & (positions < b)] - a])
-                        for p, a, b in zip(parts, starts[:-1], starts[1:], strict=True)
-                    ]
-                )
-            train(index, sample, seed)
-            del sample
-        manifest = new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
-        out = cls(index, [], class_names, manifest, next_id=0)
-        if on_disk is not None and out.family != "ivf":
-            raise UserError(
-                f"an on-disk index keeps IVF inverted lists on disk; {index_type} "
-                "has none: choose an IVF type, e.g. IVF4096,Flat"
-            )
-        work = Path(on_disk) if on_disk is not None else None
-        if work is not None:
-            work.mkdir(parents=True, exist_ok=True)
-        empty = faiss.clone_index(index) if out.family == "ivf" else None
-        part_files: list[str] = []
-        for n_part, part in enumerate(parts):
-            # the first part goes straight in, unless every part is written out for merge_ondisk
-            direct = empty is None or (n_part == 0 and work is None)
-            target = out.index if direct else faiss.clone_index(empty)
-            for a in range(0, len(part.xb), ADD_BLOCK):
-                b = min(a + ADD_BLOCK, len(part.xb))
-                out._add_normalized(
-                    prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target
-                )
-            if work is not None:
-                part_files.append(str(work / f"part-{n_part:05d}.faiss"))
-                faiss.write_index(target, part_files[-1])
-                del target
-            elif not direct:
-                out.index.merge_from(target, 0)  # shared quantizer: lists are appended
-                logger.info("merged the inverted lists of %d vectors", target.ntotal)
-        if work is not None:
-            from faiss.contrib.ondisk import merge_ondisk
-
-            lists = work / IVFDATA_FILE
-            lists.unlink(missing_ok=True)
-            with stdout_to_stderr():
-                merge_ondisk(out.index, part_files, str(lists))  # same order as merge_from
-            for name in part_files:
-                Path(name).unlink()
-            out.lists_file = lists
-            logger.info("merged the inverted lists of %d parts into %s", len(parts), lists)
-        return out
+        return build_in_parts(
+            cls,
+            parts,
+            class_names,
+            metric=metric,
+            model_sha256=model_sha256,
+            model_path=model_path,
+            preprocessing=preprocessing,
+            index_type=index_type,
+            memory_budget=memory_budget,
+            seed=seed,
+            on_disk=on_disk,
+        )
 
     # ---------------------------------------------------------------------------- changes
 
@@ -374,16 +295,17 @@ class GalleryIndex:
             raise ValueError("xb, refs and labels must have the same length")
         if self.manifest.metric == "cosine":
             xb = normalize(xb)
-        ids = self._add_normalized(xb, refs, labels)
+        ids = self.add_prepared(xb, refs, labels)
         added = self.items[int(ids[0])].added if len(ids) else time.time()
         names = [self.class_names[int(y)] for y in labels]
         self._pending.append(wal.add_entry(ids, refs, names, added, xb))
         return ids
 
-    def _add_normalized(
+    def add_prepared(
         self, xb: np.ndarray, refs: Sequence[str], labels, into: faiss.Index | None = None
     ) -> np.ndarray:
-        """Add prepared vectors under new ids, to ``into`` (default: this index)."""
+        """Add vectors already prepared for the metric (unit-norm for cosine) under new ids, to
+        ``into`` (default: this index), without a journal entry (building, replaying)."""
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
@@ -469,7 +391,7 @@ class GalleryIndex:
             if entry["op"] == "add":
                 xb = wal.entry_vectors(entry, self.manifest.dim)
                 labels = [self.label_id(name) for name in entry["labels"]]
-                ids = self._add_normalized(xb, entry["refs"], labels)
+                ids = self.add_prepared(xb, entry["refs"], labels)
                 for i in ids:
                     self.items[int(i)] = replace(self.items[int(i)], added=float(entry["added"]))
                 ok = ids.tolist() == entry["ids"]
@@ -607,30 +529,16 @@ class GalleryIndex:
                 (:func:`is_index_folder`); it is left untouched.
         """
         directory = real_path(directory)  # through a link: the folder itself is replaced
-        with atomic_dir(directory, owned=is_index_folder, what="an index folder") as tmp:
-            files = [INDEX_FILE, METADATA_FILE]
-            if self.lists_file is not None:
-                # the lists move (a rename: keep the work folder on the index's file system);
-                # the index file records their name, found beside it (IO_FLAG_ONDISK_SAME_DIR)
-                if real_path(self.lists_file.parent) == directory:
-                    raise UserError("an on-disk index cannot be saved again; rebuild it")
-                os.replace(self.lists_file, tmp / IVFDATA_FILE)
-                files.append(IVFDATA_FILE)
-            faiss.write_index(self.index, str(tmp / INDEX_FILE))
-            meta = {
-                "class_names": self.class_names,
-                "next_id": self.next_id,
-                "tombstones": sorted(self.tombstones),
-                "items": [asdict(it) for it in self.items.values()],
-            }
-            (tmp / METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
-            self.manifest.count = len(self)
-            self.manifest.format_version = FORMAT_VERSION
-            self.manifest.updated = time.time()
-            self.manifest.checksums = {name: file_sha256(tmp / name) for name in files}
-            (tmp / MANIFEST_FILE).write_text(
-                json.dumps(asdict(self.manifest), indent=2) + "\n", encoding="utf-8"
-            )
+        snap = Snapshot(
+            self.index,
+            list(self.items.values()),
+            self.class_names,
+            self.manifest,
+            self.next_id,
+            sorted(self.tombstones),
+            self.lists_file,
+        )
+        write_snapshot(directory, snap)
         if self.lists_file is not None:
             self.lists_file = directory / IVFDATA_FILE
         self._pending.clear()
@@ -655,119 +563,34 @@ class GalleryIndex:
             UserError: not an index folder, damaged files, or built with another model.
         """
         directory = Path(directory)
-        manifest = read_manifest(directory)
-        for name, digest in manifest.checksums.items():
-            if not (directory / name).is_file() or file_sha256(directory / name) != digest:
+        snap = read_snapshot(directory, model_sha256, dim, mmap)
+        out = cls(
+            snap.index,
+            snap.items,
+            snap.class_names,
+            snap.manifest,
+            snap.next_id,
+            snap.tombstones,
+            read_only=mmap or snap.lists_file is not None,
+        )
+        out.lists_file = snap.lists_file
+        journal = directory / JOURNAL_FILE
+        if journal.is_file() and journal.stat().st_size:
+            if mmap:
                 raise UserError(
-                    f"{directory / name} is missing or damaged (checksum mismatch); "
-                    "rebuild the index with `retrieval index build`"
+                    f"{directory} has changes in {JOURNAL_FILE} not yet in {INDEX_FILE}; "
+                    f"run `retrieval index compact {directory}` before opening it memory-mapped"
                 )
-        if dim is not None and dim != manifest.dim:
-            raise UserError(
-                f"{directory} holds {manifest.dim}-dimensional vectors but the model makes "
-                f"{dim}-dimensional ones; rebuild the index with this model"
-            )
-        if model_sha256 is not None and model_sha256 != manifest.model_sha256:
-            raise UserError(
-                f"{directory} was built with another model (checkpoint "
-                f"{manifest.model_path or '?'}, sha256 {manifest.model_sha256[:12]}); searching "
-                "it with this model would compare different embedding spaces. Use that "
-                "checkpoint, or rebuild the index with `retrieval index build`."
-            )
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        on_disk = IVFDATA_FILE in manifest.checksums
-        if on_disk:
-            flags |= faiss.IO_FLAG_ONDISK_SAME_DIR  # the lists beside index.faiss, wherever
-        try:
-            with stdout_to_stderr() if on_disk else contextlib.nullcontext():
-                index = faiss.read_index(str(directory / INDEX_FILE), flags)
-            items, class_names, next_id, tombstones = _read_metadata(directory, manifest)
-            _check_snapshot(directory, manifest, index, len(items), len(tombstones))
-            out = cls(
-                index,
-                items,
-                class_names,
-                manifest,
-                next_id,
-                tombstones,
-                read_only=mmap or on_disk,
-            )
-            if on_disk:
-                out.lists_file = directory / IVFDATA_FILE
-            journal = directory / JOURNAL_FILE
-            if journal.is_file() and journal.stat().st_size:
-                if mmap:
-                    raise UserError(
-                        f"{directory} has changes in {JOURNAL_FILE} not yet in {INDEX_FILE}; "
-                        f"run `retrieval index compact {directory}` before opening it "
-                        "memory-mapped"
-                    )
+            try:
                 out._journal_bytes = out._replay(journal)
-            out._folder = real_path(directory)
-        except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                raise UserError(
+                    f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
+                ) from None
+        out._folder = real_path(directory)
+        if out.index.ntotal != len(out.items) + len(out.tombstones):
             raise UserError(
-                f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
-            ) from None
-        if index.ntotal != len(out.items) + len(out.tombstones):
-            raise UserError(
-                f"{directory} is damaged: the FAISS index holds {index.ntotal} vectors, the "
-                f"metadata {len(out.items)} items; rebuild the index"
+                f"{directory} is damaged: the FAISS index holds {out.index.ntotal} vectors, "
+                f"the metadata {len(out.items)} items; rebuild the index"
             )
         return out
-
-
-def _read_metadata(
-    directory: Path, manifest: Manifest
-) -> tuple[list[Item], list[str], int | None, list[int]]:
-    """Items, class names, next id and tombstones of ``metadata.json``.
-
-    Raises:
-        UserError: a label that names no class (it would fail every search that finds it).
-    """
-    meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
-    class_names = [str(name) for name in meta["class_names"]]
-    items = [
-        Item(
-            int(it["id"]),
-            str(it["ref"]),
-            int(it["label"]),
-            float(it.get("added", manifest.created)),
-        )
-        for it in meta["items"]
-    ]
-    bad = next((it for it in items if not 0 <= it.label < len(class_names)), None)
-    if bad is not None:
-        raise UserError(
-            f"{directory / METADATA_FILE} is damaged: item {bad.id} has label {bad.label}, but "
-            f"there are {len(class_names)} classes; rebuild the index"
-        )
-    next_id = meta.get("next_id")
-    return (
-        items,
-        class_names,
-        None if next_id is None else int(next_id),
-        [int(i) for i in meta.get("tombstones", [])],
-    )
-
-
-def _check_snapshot(
-    directory: Path, manifest: Manifest, index: faiss.Index, n_items: int, n_tombstones: int
-) -> None:
-    """Cross-check the manifest against the FAISS file and the metadata: an edited manifest
-    (a metric changed from cosine to l2 would report similarities as distances) is refused.
-
-    Raises:
-        UserError: the metric, dimension or count disagree.
-    """
-    problems = []
-    if index.metric_type != _FAISS_METRIC[manifest.metric]:
-        problems.append(f"the manifest says metric {manifest.metric}, the FAISS index another")
-    if index.d != manifest.dim:
-        problems.append(f"the manifest says dimension {manifest.dim}, the FAISS index {index.d}")
-    if index.ntotal != n_items + n_tombstones or manifest.count != n_items:
-        problems.append(
-            f"the manifest says {manifest.count} items, the FAISS index holds {index.ntotal} "
-            f"vectors, the metadata {n_items} items and {n_tombstones} removed"
-        )
-    if problems:
-        raise UserError(f"{directory} is damaged or was edited: {problems[0]}; rebuild the index")
