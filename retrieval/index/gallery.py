@@ -56,7 +56,14 @@ from retrieval.index.factory import (
     search_parameters,
     train,
 )
-from retrieval.index.knn import as_faiss, knn, knn_leave_one_out, normalize, user_scores
+from retrieval.index.knn import (
+    as_faiss,
+    blas_blocks,
+    knn,
+    knn_leave_one_out,
+    normalize,
+    user_scores,
+)
 from retrieval.index.manifest import (
     INDEX_FILE,
     IVFDATA_FILE,
@@ -481,7 +488,8 @@ class GalleryIndex:
         k = min(k, len(self))
         if k == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        d, i = faiss_search(self.index, xq, k, params)
+        with blas_blocks():
+            d, i = faiss_search(self.index, xq, k, params)
         return user_scores(d, self.manifest.metric), i
 
     def hits(self, d_row: np.ndarray, i_row: np.ndarray) -> list[Hit]:
