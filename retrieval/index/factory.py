@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -356,3 +356,23 @@ def search_parameters(
     if sel is None:
         return None
     return faiss.SearchParameters(sel=sel)
+
+
+def rebuild_hnsw(
+    index: faiss.Index, removed: Iterable[int], index_type: str, metric: str
+) -> faiss.Index:
+    """A new HNSW index (of ``index_type``, same search depth) holding the vectors of ``index``
+    except the ``removed`` ids: HNSW cannot delete nodes, so removed ids are tombstones until
+    the graph is rebuilt."""
+    old = faiss.downcast_index(index)
+    all_ids = faiss.vector_to_array(old.id_map).astype(np.int64)
+    vectors = inner(old).reconstruct_n(0, old.ntotal)
+    gone = np.fromiter(removed, dtype=np.int64)
+    keep = ~np.isin(all_ids, gone)
+    new = make_index(index_type, old.d, metric)
+    inner(new).hnsw.efSearch = inner(old).hnsw.efSearch
+    if keep.any():
+        train(new, vectors[keep], seed=0)
+        new.add_with_ids(np.ascontiguousarray(vectors[keep]), all_ids[keep])
+    logger.info("rebuilt the HNSW graph without %d removed items", len(gone))
+    return new

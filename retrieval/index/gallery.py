@@ -50,11 +50,10 @@ from retrieval.index.factory import (
     index_family,
     inner,
     ivf_of,
-    make_index,
     nlist_for,
     parse_memory,
+    rebuild_hnsw,
     search_parameters,
-    train,
 )
 from retrieval.index.knn import (
     as_faiss,
@@ -349,7 +348,10 @@ class GalleryIndex:
         if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
             1, self.index.ntotal
         ):
-            self._rebuild_hnsw()
+            self.index = rebuild_hnsw(
+                self.index, self.tombstones, self.manifest.index_type, self.manifest.metric
+            )
+            self.tombstones.clear()
         self._pending.append({"op": "remove", "ids": ids})
         return len(ids)
 
@@ -413,21 +415,6 @@ class GalleryIndex:
                 f"{journal}, line {line} does not fit the index (a journal of "
                 "another index?); rebuild the index"
             )
-
-    def _rebuild_hnsw(self) -> None:
-        """Rebuild the HNSW graph without its tombstones (HNSW cannot delete nodes)."""
-        old = faiss.downcast_index(self.index)
-        all_ids = faiss.vector_to_array(old.id_map).astype(np.int64)
-        vectors = inner(old).reconstruct_n(0, old.ntotal)
-        keep = ~np.isin(all_ids, np.fromiter(self.tombstones, dtype=np.int64))
-        new = make_index(self.manifest.index_type, self.manifest.dim, self.manifest.metric)
-        inner(new).hnsw.efSearch = inner(old).hnsw.efSearch
-        if keep.any():
-            train(new, vectors[keep], seed=0)
-            new.add_with_ids(np.ascontiguousarray(vectors[keep]), all_ids[keep])
-        logger.info("rebuilt the HNSW graph without %d removed items", len(self.tombstones))
-        self.index = new
-        self.tombstones.clear()
 
     def set_search_defaults(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the search parameters stored in the index (used when a query gives none)."""
