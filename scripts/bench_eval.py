@@ -78,10 +78,11 @@ def run_pml(x, y) -> dict:
 
 
 def child(args) -> None:
-    import retrieval.index.gallery  # noqa: F401  both sides get the project's FAISS BLAS block sizes
+    from retrieval.index.knn import blas_blocks
 
     x, y = make_data(args)
-    result = (run_ours if args.only == "ours" else run_pml)(x, y)
+    with blas_blocks():  # both sides search with the project's FAISS BLAS block sizes
+        result = (run_ours if args.only == "ours" else run_pml)(x, y)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sys.stdout.write(json.dumps(result) + "\n")
 

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from data.datasets import load_builtin
-from retrieval.index.gallery import INDEX_FILE, GalleryIndex, nlist_for
+from retrieval.index.factory import nlist_for
+from retrieval.index.gallery import GalleryIndex
+from retrieval.index.manifest import INDEX_FILE
 from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.model.embed import embed_dataset
 

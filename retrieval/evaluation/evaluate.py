@@ -1,4 +1,4 @@
-"""Retrieval evaluation of embeddings: FAISS top-k searches in blocks, then the metrics.
+"""Retrieval evaluation of embeddings: exact top-k searches in blocks, then the metrics.
 
 Three protocols share one function, :func:`evaluate`:
 
@@ -16,8 +16,9 @@ Each block's metrics are computed and its neighbour lists dropped, so memory is
 queries with no relevant item within ``K`` get their exact first-hit rank from a second,
 blocked pass (so MRR and the recall curve are exact, not truncated at ``K``).
 
-Ties: FAISS ranks equal scores by gallery position (lower first); see
-:mod:`retrieval.evaluation.metrics`.
+Neighbours come from the project's one exact search, :func:`retrieval.index.knn.knn`. Ties:
+equal scores are ranked by gallery position, lower first, whatever the batch and the depth;
+see :mod:`retrieval.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from retrieval.evaluation.metrics import (
     recall_curve,
     relevant_counts,
 )
-from retrieval.index.gallery import METRICS, as_faiss, normalize
+from retrieval.index.knn import as_faiss, knn, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -92,57 +93,6 @@ class Evaluation:
     ks: tuple[int, ...]
     metric: str
     self_index: np.ndarray
-
-
-def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    return normalize(x) if metric == "cosine" else as_faiss(x)
-
-
-def _drop_self(d: np.ndarray, i: np.ndarray, self_index: np.ndarray, k: int):
-    """Remove each row's own gallery item (or, when absent, its last entry): ``(n, k)``."""
-    is_self = i == self_index[:, None]
-    missing = ~is_self.any(axis=1)
-    is_self[missing, -1] = True
-    is_self &= np.cumsum(is_self, axis=1) == 1  # exactly one entry per row
-    keep = ~is_self
-    n = len(i)
-    return d[keep].reshape(n, k), i[keep].reshape(n, k)
-
-
-def top_k(
-    xq: np.ndarray,
-    xb: np.ndarray,
-    k: int,
-    metric: str = "cosine",
-    self_index: np.ndarray | None = None,
-    prepared: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``k`` nearest gallery items of each query, without the query itself: ``(D, I)``.
-
-    Args:
-        xq: queries ``(nq, dim)``; xb: gallery ``(nb, dim)``.
-        k: neighbours per query (at most ``nb``, or ``nb - 1`` when a query is in the gallery).
-        metric: ``cosine`` (``D`` = similarity) or ``l2`` (``D`` = squared distance).
-        self_index: gallery position of each query, ``-1`` when not in the gallery, ``(nq,)``.
-        prepared: ``xq`` and ``xb`` are already float32 (and unit-norm for cosine).
-
-    Example:
-        >>> x = np.array([[0.0], [1.0], [3.0]], dtype=np.float32)
-        >>> top_k(x, x, 1, "l2", self_index=np.arange(3))[1].ravel().tolist()
-        [1, 0, 1]
-    """
-    if not prepared:
-        xq, xb = _prepare(xq, metric), _prepare(xb, metric)
-    extra = int(self_index is not None and bool((self_index >= 0).any()))
-    if k + extra > len(xb):
-        raise UserError(f"cannot rank {k} neighbours in a gallery of {len(xb) - extra} items")
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    d, i = faiss.knn(xq, xb, k + extra, metric=faiss_metric)
-    if extra:
-        d, i = _drop_self(d, i, np.asarray(self_index), k)
-    return d, i
 
 
 def _exact_first_rank(
@@ -282,8 +232,8 @@ def evaluate(
     if in_gallery.any() and not (yb[self_index[in_gallery]] == yq[in_gallery]).all():
         raise UserError("self_index points some queries at gallery items of another label")
 
-    xq_f = _prepare(xq, metric)
-    xb_f = xq_f if xb is xq else _prepare(xb, metric)
+    xq_f = prepare(xq, metric)
+    xb_f = xq_f if xb is xq else prepare(xb, metric)
     if xq_f.shape[1] != xb_f.shape[1]:
         raise UserError(f"queries have dimension {xq_f.shape[1]}, the gallery {xb_f.shape[1]}")
     r = relevant_counts(yq, yb, leave_one_out=False) - in_gallery
@@ -302,7 +252,7 @@ def evaluate(
     first_rank = np.zeros(len(evaluated), dtype=np.int64)
     for start in range(0, len(evaluated), block_size):
         q = evaluated[start : start + block_size]
-        _, idx = top_k(xq_f[q], xb_f, depth, metric, self_index[q], prepared=True)
+        _, idx = knn(xq_f[q], xb_f, depth, metric, self_index[q], prepared=True)
         rel = yb[idx] == yq[q, None]  # (block, depth)
         first = first_hit_rank(rel)
         missing = np.flatnonzero(first == 0)

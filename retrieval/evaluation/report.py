@@ -31,10 +31,10 @@ import torch
 
 from retrieval.atomic import atomic_dir
 from retrieval.errors import UserError
-from retrieval.evaluation.evaluate import Evaluation, top_k
+from retrieval.evaluation.evaluate import Evaluation
 from retrieval.evaluation.plots import Tile, neighbour_grid
 from retrieval.evaluation.report_plots import embedding_map, recall_curves
-from retrieval.index.gallery import normalize
+from retrieval.index.knn import knn, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _neighbour_rows(
 ) -> list[tuple[Tile, list[Tile]]]:
     q = ev.query_index[rows]
     k = min(neighbours, len(xb) - int((ev.self_index >= 0).any()))
-    _, idx = top_k(xq[q], xb, k, ev.metric, ev.self_index[q])
+    _, idx = knn(xq[q], xb, k, ev.metric, ev.self_index[q])
     out = []
     for row, query_pos, nn in zip(rows, q, idx, strict=True):
         label = int(ev_labels[row])

@@ -11,8 +11,8 @@ the write lock only while the in-memory index changes, so no search ever sees a 
 change. Changes are serialised by a writer mutex and saved (atomically, under the read lock, so
 searches continue meanwhile) before the call returns: a change that was acknowledged survives a
 restart. If saving fails, the in-memory index is reloaded from the folder, so memory and disk
-agree again. Between processes, :func:`index_lock` keeps two writers (a server and
-``retrieval index add``, say) from overwriting each other's changes.
+agree again. Between processes, :func:`~retrieval.index.lock.index_lock` keeps two writers (a
+server and ``retrieval index add``, say) from overwriting each other's changes.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from PIL import Image
 from data import images
 from data.datasets import BUILTIN, read_ref
 from data.errors import DataError
-from retrieval.atomic import FolderBusyError, folder_lock, recover_dir
 from retrieval.errors import UserError
 from retrieval.index.gallery import GalleryIndex, Hit, Item, UnknownIdError, read_manifest
+from retrieval.index.lock import index_lock  # noqa: F401  re-exported: its users import it here
 from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.model.embed import embed_images, pick_device
 
@@ -152,30 +152,6 @@ class ReadWriteLock:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
-
-
-@contextlib.contextmanager
-def index_lock(directory: str | os.PathLike) -> Iterator[None]:
-    """Hold the inter-process writer lock of an index folder.
-
-    The lock is keyed by the folder's real path (``.NAME.lock`` beside it), so writers that
-    name the folder differently (a symbolic link, ``a/../idx``) still exclude each other. Once
-    held, a swap a crash interrupted is finished and its leftovers are deleted
-    (:func:`retrieval.atomic.recover_dir`).
-
-    Raises:
-        UserError: another process (a running server, another ``index add``) holds it.
-    """
-    with contextlib.ExitStack() as stack:
-        try:
-            real = stack.enter_context(folder_lock(directory))
-        except FolderBusyError:
-            raise UserError(
-                f"{directory} is being changed by another process (a running `retrieval "
-                "serve`?); change it through that process, or stop it first"
-            ) from None
-        recover_dir(real, clean=True)
-        yield
 
 
 # ------------------------------------------------------------------------------ the service

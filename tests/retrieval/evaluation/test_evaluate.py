@@ -16,9 +16,8 @@ from retrieval.evaluation.evaluate import (
     kmeans_clusters,
     read_query_gallery_flags,
     split_query_gallery,
-    top_k,
 )
-from retrieval.index.gallery import normalize
+from retrieval.index.knn import normalize
 
 PML_KEYS = {
     "precision_at_1": "recall@1",
@@ -125,13 +124,19 @@ def test_memory_is_linear_in_queries_not_quadratic():
     assert peak < 0.1 * n * n * 4, f"peak {peak / 1e6:.1f} MB"  # an n x n float32: 400 MB
 
 
-def test_top_k_never_returns_the_query_itself():
-    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
-    _, i = top_k(x, x, 3, "cosine", self_index=np.arange(4))
-    for q in range(4):
-        assert q not in i[q] and len(set(i[q])) == 3
-    with pytest.raises(UserError, match="cannot rank 4"):
-        top_k(x, x, 4, "cosine", self_index=np.arange(4))
+def test_cosine_equals_l2_on_unit_vectors_with_exact_duplicates():
+    """Ties (exact duplicates of different labels) are ranked by position under both metrics."""
+    rng = np.random.default_rng(0)
+    base = normalize(rng.normal(size=(60, 32)).astype(np.float32))
+    pick = rng.integers(0, 60, size=1500)
+    x = base[pick]  # every vector about 25 times, under random labels
+    y = rng.integers(0, 4, size=1500)
+    cos = evaluate(x, y, ks=(1, 5, 50), metric="cosine", clustering=False)
+    l2 = evaluate(x, y, ks=(1, 5, 50), metric="l2", clustering=False)
+    assert cos.metrics == l2.metrics
+    for key in cos.per_query:
+        np.testing.assert_array_equal(cos.per_query[key], l2.per_query[key])
+    np.testing.assert_array_equal(cos.first_rank, l2.first_rank)
 
 
 def test_errors_say_what_is_wrong():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -389,7 +391,7 @@ def test_a_damaged_journal_line_is_refused(tmp_path):
 
 
 def test_a_large_journal_is_folded_into_a_new_snapshot(tmp_path, monkeypatch):
-    import retrieval.index.gallery as index_module
+    import retrieval.index.journal as index_module
 
     xb, labels, refs = _gallery()
     index = GalleryIndex.build(xb, refs, labels, list("abcde"))
@@ -407,3 +409,35 @@ def test_a_large_journal_is_folded_into_a_new_snapshot(tmp_path, monkeypatch):
     index.commit(folder)  # now over 1% of index.faiss: a new snapshot, no journal
     assert not (folder / "journal.jsonl").exists() and _snapshot(folder) != before
     _same_index(GalleryIndex.load(folder), index, xb[::20])
+
+
+# Folders written by GalleryIndex.build/save/commit of format 2 (tests/retrieval/index/data):
+# 10 vectors of format2-vectors.npy (labels i % 3 of a, b, c), then 2 more added through the
+# journal (labels d and b), then id 3 removed through the journal.
+FORMAT_2 = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    ("folder", "metric"), [("format2-flat-cosine", "cosine"), ("format2-hnsw-l2", "l2")]
+)
+def test_folders_written_in_format_2_still_load(folder, metric, tmp_path):
+    shutil.copytree(FORMAT_2 / folder, tmp_path / "idx")  # loading may not write, but be safe
+    index = GalleryIndex.load(tmp_path / "idx", model_sha256="ab" * 32, dim=4)
+    xb = np.load(FORMAT_2 / "format2-vectors.npy")
+    ids = [i for i in range(12) if i != 3]
+    assert sorted(index.items) == ids and index.next_id == 12
+    assert index.class_names == ["a", "b", "c", "d"]
+    assert [index.items[i].label for i in ids] == [i % 3 for i in ids[:-2]] + [3, 1]
+    assert index.items[11].ref == "img/11.png"
+    assert index.manifest.metric == metric and index.manifest.preprocessing == {"image_size": 28}
+    d, i = index.search(xb[:2], 3)
+    live = xb[ids]
+    if metric == "cosine":
+        unit = live / np.linalg.norm(live, axis=1, keepdims=True)
+        score = (xb[:2] / np.linalg.norm(xb[:2], axis=1, keepdims=True)) @ unit.T
+        order = np.argsort(-score, axis=1, kind="stable")[:, :3]
+    else:
+        score = np.sqrt(((xb[:2, None] - live[None]) ** 2).sum(-1))
+        order = np.argsort(score, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(i, np.array(ids)[order])
+    np.testing.assert_allclose(d, np.take_along_axis(score, order, 1), atol=1e-5)

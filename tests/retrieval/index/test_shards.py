@@ -11,17 +11,12 @@ import faiss
 import numpy as np
 import pytest
 
-import retrieval.index.gallery as index_module
+import retrieval.index.factory as index_module
 from retrieval.errors import UserError
-from retrieval.index.gallery import (
-    ID_BYTES,
-    INDEX_FILE,
-    IVFDATA_FILE,
-    GalleryIndex,
-    GalleryPart,
-    ReadOnlyIndexError,
-    knn,
-)
+from retrieval.index.factory import ID_BYTES
+from retrieval.index.gallery import GalleryIndex, GalleryPart, ReadOnlyIndexError
+from retrieval.index.knn import knn
+from retrieval.index.manifest import INDEX_FILE, IVFDATA_FILE
 from retrieval.index.shards import Rank, read_shards, shard_range
 from tests.conftest import run_cli, run_torchrun
 from tests.retrieval.model.test_export import make_checkpoint
