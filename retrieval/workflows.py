@@ -192,9 +192,9 @@ def build_index(
     """Embed a gallery (or read embedded shards) and save an index folder at ``out``."""
     from retrieval.atomic import file_sha256, real_path
     from retrieval.index.gallery import METRICS, GalleryIndex, is_index_folder, parse_memory
+    from retrieval.index.lock import index_lock
     from retrieval.model.checkpoint import load_model
     from retrieval.model.spec import ModelConfig
-    from retrieval.serving.service import index_lock
 
     if spec.metric not in METRICS:
         raise UserError(f"unknown metric {spec.metric!r}; choose one of {', '.join(METRICS)}")
@@ -257,7 +257,8 @@ def add_to_index(
 
     from data.datasets import BUILTIN, open_source
     from data.images import read_image
-    from retrieval.serving.service import UNLABELLED, SearchService, index_lock
+    from retrieval.index.lock import index_lock
+    from retrieval.serving.service import UNLABELLED, SearchService
 
     with index_lock(index_dir):
         service = SearchService(index_dir, model_path, device=device)
@@ -290,7 +291,7 @@ def add_to_index(
 def remove_from_index(index_dir: str | os.PathLike, ids: Sequence[int]) -> tuple[int, int]:
     """Remove items by id under the writer lock; returns how many and the new size."""
     from retrieval.index.gallery import GalleryIndex
-    from retrieval.serving.service import index_lock
+    from retrieval.index.lock import index_lock
 
     with index_lock(index_dir):
         index = GalleryIndex.load(index_dir)
@@ -302,12 +303,22 @@ def remove_from_index(index_dir: str | os.PathLike, ids: Sequence[int]) -> tuple
 def compact_index(index_dir: str | os.PathLike) -> int:
     """Fold the journal into a new snapshot; returns the number of items."""
     from retrieval.index.gallery import GalleryIndex
-    from retrieval.serving.service import index_lock
+    from retrieval.index.lock import index_lock
 
     with index_lock(index_dir):
         index = GalleryIndex.load(index_dir)
         index.save(index_dir)
     return len(index)
+
+
+def repair_index(index_dir: str | os.PathLike) -> tuple[int, int]:
+    """Cut a damaged journal at its first bad line (under the writer lock); returns the changes
+    kept and the bytes dropped. Never runs by itself: loading a damaged index names it."""
+    from retrieval.index.journal import repair_journal
+    from retrieval.index.lock import index_lock
+
+    with index_lock(index_dir):
+        return repair_journal(index_dir)
 
 
 def index_info(index_dir: str | os.PathLike) -> list[tuple[str, str]]:
@@ -649,8 +660,9 @@ def calibrate_index(
     import numpy as np
 
     from retrieval.evaluation.calibration import calibrate, nearest_outcome
+    from retrieval.index.lock import index_lock
     from retrieval.model.embed import embed_dataset
-    from retrieval.serving.service import SearchService, index_lock
+    from retrieval.serving.service import SearchService
 
     service = SearchService(index_dir, model_path, device=device)
     ds = open_images(source, split, classes, data_root, service.image_size)

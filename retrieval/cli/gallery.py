@@ -220,3 +220,18 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index folder.")])
     for key, value in describe(index_dir):
         table.add_row(key, value)
     console.print(table)
+
+
+@index_app.command("repair")
+def index_repair(index_dir: Annotated[Path, typer.Argument(help="Index folder.")]) -> None:
+    """Cut a damaged journal at its first bad line, keeping every change before it."""
+    from retrieval.workflows import repair_index
+
+    kept, dropped = repair_index(index_dir)
+    if dropped:
+        console.print(
+            f"{index_dir}: kept {kept} changes of the journal, dropped {dropped:,} damaged bytes "
+            "(the changes in them are lost)"
+        )
+    else:
+        console.print(f"{index_dir}: the journal is whole ({kept} changes); nothing to repair")

@@ -45,13 +45,12 @@ import numpy as np
 
 from retrieval.atomic import write_json
 from retrieval.errors import UserError
+from retrieval.index.manifest import CALIBRATION_FILE  # noqa: F401 (the file's name, kept there)
 
 logger = logging.getLogger(__name__)
 
 #: The label :func:`match` gives a query whose nearest neighbour is past the cut-point.
 NO_MATCH = "no match"
-#: File name of the calibration in an index folder.
-CALIBRATION_FILE = "calibration.json"
 #: Version of the ``calibration.json`` format; a newer file is refused, not misread.
 CALIBRATION_VERSION = 1
 #: Name of the cut-point with the best F1 (the default of :meth:`Calibration.cutpoint`).
@@ -139,7 +138,7 @@ def nearest(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest gallery item of each query, never the query itself: ``(d, i)``.
 
-    A FAISS exact search (:func:`retrieval.evaluation.evaluate.top_k`), its scores turned into
+    The exact search (:func:`retrieval.index.knn.knn`), its scores turned into
     distances (lower is closer: ``1 - cos``, or the Euclidean distance).
 
     Args:
@@ -156,14 +155,14 @@ def nearest(
         >>> d.tolist(), i.tolist()
         ([1.0, 1.0, 2.0], [1, 0, 1])
     """
-    from retrieval.evaluation.evaluate import top_k
+    from retrieval.index.knn import knn
 
     _check_metric(metric)
     if xb is None:
         xb, self_index = xq, np.arange(len(xq))
-    d, i = top_k(xq, xb, 1, metric, self_index=self_index)
+    d, i = knn(xq, xb, 1, metric, self_index=self_index)
     d = d[:, 0].astype(np.float64)
-    d = 1.0 - d if metric == "cosine" else np.sqrt(np.maximum(d, 0.0))  # top_k: sim / squared
+    d = 1.0 - d if metric == "cosine" else np.sqrt(np.maximum(d, 0.0))  # knn: sim / squared
     return np.maximum(d, 0.0), i[:, 0].astype(np.int64)
 
 

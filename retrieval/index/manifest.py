@@ -39,7 +39,12 @@ IVFDATA_FILE = "index.ivfdata"
 #: Changes since the snapshot (:mod:`retrieval.index.journal`).
 JOURNAL_FILE = "journal.jsonl"
 #: Every file an index folder may hold; a folder with anything else is not replaced.
-INDEX_FILES = frozenset({INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IVFDATA_FILE, JOURNAL_FILE})
+#: The match / no-match cut-points of ``retrieval calibrate``
+#: (:mod:`retrieval.evaluation.calibration`), kept across snapshots.
+CALIBRATION_FILE = "calibration.json"
+INDEX_FILES = frozenset(
+    {INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IVFDATA_FILE, JOURNAL_FILE, CALIBRATION_FILE}
+)
 #: Files whose checksum every manifest records (``index.ivfdata`` too when present).
 CHECKSUMMED_FILES = (INDEX_FILE, METADATA_FILE)
 #: Index type used when none is given: exact search.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from retrieval.atomic import atomic_dir, file_sha256, real_path
 from retrieval.errors import UserError
 from retrieval.index.factory import stdout_to_stderr
 from retrieval.index.manifest import (
+    CALIBRATION_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     IVFDATA_FILE,
@@ -79,6 +81,9 @@ def write_snapshot(directory: Path, snap: Snapshot) -> None:
             os.replace(snap.lists_file, tmp / IVFDATA_FILE)
             files.append(IVFDATA_FILE)
         faiss.write_index(snap.index, str(tmp / INDEX_FILE))
+        calibration = directory / CALIBRATION_FILE
+        if calibration.is_file():  # a calibration stays with its index (not checksummed)
+            shutil.copy2(calibration, tmp / CALIBRATION_FILE)
         meta = {
             "class_names": snap.class_names,
             "next_id": snap.next_id,

@@ -223,3 +223,33 @@ def test_index_add_killed_at_random_moments_loses_no_acknowledged_add(
     assert len(index) == before + len(added)
     new, ok = add(99, 300)  # a torn last line, if any, does not stop the next writer
     assert ok and GalleryIndex.load(idx).refs.count(str(new.resolve())) == 1
+
+
+def test_a_garbage_tail_is_repaired_on_request_only(trained_run, gallery, tmp_path, capsys):
+    idx = build_index(gallery, trained_run / "best.pt", tmp_path / "idx")
+    n = len(GalleryIndex.load(idx))
+    for item in ("0", "1"):
+        code, _, err = run_cli(["index", "remove", idx, item], capsys)
+        assert code == 0, err
+    with open(idx / "journal.jsonl", "ab") as fh:
+        fh.write(os.urandom(5000).replace(b"\n", b"x") + b"\n" + os.urandom(300))
+    code, _, err = run_cli(["index", "info", idx], capsys)
+    assert code == 2 and "retrieval index repair" in err, err
+    code, out, err = run_cli(["index", "repair", idx], capsys)
+    text = " ".join(out.split())
+    assert code == 0 and "kept 2 changes" in text and "dropped 5,301" in text, (out, err)
+    index = GalleryIndex.load(idx)
+    assert len(index) == n - 2 and 0 not in index.items and 1 not in index.items
+
+
+def test_a_calibration_stays_with_its_index(trained_run, gallery, tmp_path, capsys):
+    from retrieval.evaluation.calibration import Calibration
+
+    idx = build_index(gallery, trained_run / "best.pt", tmp_path / "idx")
+    code, _, err = run_cli(["calibrate", idx, gallery, "--device", "cpu"], capsys)
+    assert code == 0, err
+    before = Calibration.load(idx).cutpoint().distance
+    for args in (["index", "remove", idx, "0"], ["index", "compact", idx]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+    assert Calibration.load(idx).cutpoint().distance == before
