@@ -12,7 +12,6 @@ from PIL import Image
 from data import fashion_mnist
 from data.datasets import load_csv, load_folder, open_source, parse_classes, read_ref
 from data.errors import DataError, DatasetNotFoundError
-from data.images import MAX_IMAGE_PIXELS, read_image
 from tests.conftest import PER_CLASS, write_idx
 
 
@@ -116,21 +115,6 @@ def test_open_source_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):
         open_source(str(tmp_path / "empty"))
-
-
-def test_read_image_errors(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_image(tmp_path / "x.png")
-    (tmp_path / "t.png").write_text("text")
-    with pytest.raises(DataError, match="not an image"):
-        read_image(tmp_path / "t.png")
-    side = int(MAX_IMAGE_PIXELS**0.5) + 1
-    Image.new("L", (side, side)).save(tmp_path / "huge.png")
-    with pytest.raises(DataError, match="limit"):
-        read_image(tmp_path / "huge.png")
-    Image.new("L", (5, 4), 200).save(tmp_path / "grey.png")
-    img = read_image(tmp_path / "grey.png")
-    assert img.shape == (3, 4, 5) and int(img.max()) == 200
 
 
 def test_parse_classes():
