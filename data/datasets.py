@@ -8,8 +8,24 @@ them).
 A source is named by a string (:func:`open_source`):
 
 - ``fashion-mnist`` or ``fashion-mnist:train`` / ``fashion-mnist:test``;
-- a folder with one sub-folder per class (``root/cat/001.jpg``);
-- a CSV file with a header ``path,label[,split]`` (paths relative to the CSV's folder).
+- a folder of images, nested as deep as it likes (:func:`list_image_files`);
+- a CSV file with a header ``path[,label][,split]`` (paths relative to the CSV's folder).
+
+Labels are optional everywhere (``labels``, one of :data:`LABEL_MODES`):
+
+- ``from-folders`` (the default): an image in a folder is labelled by the name of the
+  first-level sub-folder it lies in (``root/cat/001.jpg`` and ``root/cat/kitten/002.jpg`` are
+  both ``cat``); an image lying directly in ``root`` is labelled by ``root``'s own name, so a
+  flat folder is one class and nothing is ever left out (a warning names the loose images when
+  they sit beside class sub-folders, as a misplaced file usually does). A CSV's ``label``
+  column labels its rows; a CSV without one is unlabelled. The built-in set keeps its classes.
+- ``none``: every image is labelled :data:`UNLABELLED` (one class): a photo collection to
+  search, not classes to learn or evaluate.
+
+Hidden files and folders (names starting with ``.``, such as macOS's ``._IMG_0001.jpg``) are
+not images of the collection and are not listed. Files that cannot be read are skipped, and
+listed once, in one warning, by every loader (:func:`load_folder`, :func:`load_csv`,
+:func:`load_files`).
 """
 
 from __future__ import annotations
@@ -27,11 +43,21 @@ from torch.utils.data import Dataset
 
 from data import fashion_mnist
 from data.errors import DataError
-from data.images import is_image_file, open_image, read_image
+from data.images import IMAGE_EXTENSIONS, is_image_file, read_image
 
 logger = logging.getLogger(__name__)
 
 BUILTIN = "fashion-mnist"
+#: The label of every image when labels are not used (``labels="none"``, a CSV without labels).
+UNLABELLED = "unlabelled"
+#: Labels from sub-folders (or a CSV's label column).
+LABELS_FROM_FOLDERS = "from-folders"
+#: No labels: every image is :data:`UNLABELLED`.
+LABELS_NONE = "none"
+#: The ways images are labelled (see the module docstring).
+LABEL_MODES = (LABELS_FROM_FOLDERS, LABELS_NONE)
+#: Unreadable files named in the skip warning; the rest are counted.
+SKIPPED_SHOWN = 20
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -54,11 +80,12 @@ class ArrayStore:
 
 
 class FileStore:
-    """Images decoded from files on demand.
+    """Images decoded from files (or built-in references) on demand.
 
     Args:
-        paths: image files.
-        draft_size: JPEGs are decoded at a reduced scale still >= this many pixels per side.
+        paths: image files, or ``fashion-mnist:SPLIT:INDEX`` references.
+        draft_size: the size the images will be shrunk to: large images are decoded at a
+            reduced scale no smaller than this (:func:`data.images.decode_image`).
     """
 
     def __init__(self, paths: Sequence[str], draft_size: int | None = None):
@@ -69,7 +96,7 @@ class FileStore:
         return len(self.paths)
 
     def read(self, i: int) -> torch.Tensor:
-        return read_image(self.paths[i], self.draft_size)
+        return _read_any(self.paths[i], self.draft_size)
 
 
 class ImageDataset(Dataset):
@@ -163,82 +190,231 @@ def _fashion_arrays(split: str, root: str | None) -> tuple[np.ndarray, np.ndarra
     return fashion_mnist.load_fashion_mnist(split, root)
 
 
-def load_builtin(split: str = "train", root: str | os.PathLike | None = None) -> ImageDataset:
-    """Fashion-MNIST ``split`` ('train' or 'test') as an :class:`ImageDataset`."""
-    images, labels = _fashion_arrays(split, None if root is None else str(root))
-    refs = [f"{BUILTIN}:{split}:{i}" for i in range(len(labels))]
-    return ImageDataset(ArrayStore(images), labels, refs, fashion_mnist.CLASS_NAMES)
+def _check_labels(labels: str) -> None:
+    if labels not in LABEL_MODES:
+        raise DataError(f"labels must be one of {', '.join(LABEL_MODES)}; got {labels!r}")
 
 
-def _scan(paths: list[str], draft_size: int | None) -> tuple[list[int], list[str]]:
-    """Decode every file once; return the positions that decode and the messages of the rest."""
+def load_builtin(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    labels: str = LABELS_FROM_FOLDERS,
+) -> ImageDataset:
+    """Fashion-MNIST ``split`` ('train' or 'test') as an :class:`ImageDataset`.
+
+    With ``labels="none"`` every image is :data:`UNLABELLED`.
+    """
+    _check_labels(labels)
+    images, targets = _fashion_arrays(split, None if root is None else str(root))
+    refs = [f"{BUILTIN}:{split}:{i}" for i in range(len(targets))]
+    if labels == LABELS_NONE:
+        return ImageDataset(
+            ArrayStore(images), np.zeros(len(targets), np.int64), refs, [UNLABELLED]
+        )
+    return ImageDataset(ArrayStore(images), targets, refs, fashion_mnist.CLASS_NAMES)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_image_files(root: str | os.PathLike) -> list[Path]:
+    """The image files under ``root``, at any depth, as absolute paths in a stable order.
+
+    Image files are recognised by their extension (:func:`data.images.is_image_file`); hidden
+    files and folders are left out; symbolic links to folders are followed, each real folder
+    once (no endless loop). Within a first-level sub-folder the order is that of the paths'
+    text; the images lying directly in ``root`` come first.
+
+    Raises:
+        DataError: ``root`` is not a folder.
+    """
+    top = Path(root).expanduser().resolve()
+    if not top.is_dir():
+        raise DataError(f"{top}: no such folder")
+    seen: set[str] = set()
+    found: list[Path] = []
+    for here, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        found += [Path(here, f) for f in files if not _is_hidden(f) and is_image_file(f)]
+
+    def order(path: Path) -> tuple[str, str]:
+        parts = path.relative_to(top).parts
+        return ("" if len(parts) == 1 else parts[0], str(path))
+
+    return sorted(found, key=order)
+
+
+def expand_image_paths(items: Sequence[str | os.PathLike]) -> list[str]:
+    """Files as given, folders replaced by their image files (:func:`list_image_files`).
+
+    Items that are neither folders nor existing files (a missing file, a built-in reference
+    ``fashion-mnist:test:3``) are kept as given, for the loader to read or to report.
+
+    Raises:
+        DataError: a folder holds no image files.
+    """
+    out: list[str] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = list_image_files(path)
+            if not found:
+                raise DataError(
+                    f"{path}: no image files in this folder or below "
+                    f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            out += [str(f) for f in found]
+        else:
+            out.append(str(item))
+    return out
+
+
+def _read_any(ref: str, draft_size: int | None) -> torch.Tensor:
+    """Pixels of a file path or a built-in reference."""
+    if ref.startswith(BUILTIN + ":"):
+        return read_ref(ref)
+    return read_image(ref, draft_size)
+
+
+def _scan(refs: list[str], draft_size: int | None) -> tuple[list[int], list[str]]:
+    """Decode every image once; return the positions that decode and the messages of the rest."""
     good, bad = [], []
-    for i, p in enumerate(paths):
+    for i, ref in enumerate(refs):
         try:
-            open_image(p, draft_size)
+            _read_any(ref, draft_size)
             good.append(i)
         except DataError as exc:
             bad.append(str(exc))
     return good, bad
 
 
+def warn_skipped(problems: Sequence[str], source: str) -> None:
+    """Log the one warning that lists the unreadable files of ``source`` (none: no warning).
+
+    Args:
+        problems: one message per skipped file (each names the file).
+        source: what was being read (a folder, a manifest, "queries").
+    """
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:SKIPPED_SHOWN])
+    if len(problems) > SKIPPED_SHOWN:
+        shown += f"\n  ... and {len(problems) - SKIPPED_SHOWN} more"
+    logger.warning("skipping %d unreadable image(s) in %s:\n  %s", len(problems), source, shown)
+
+
 def _files_dataset(
-    paths: list[str], names: list[str], draft_size: int | None, source: str
+    refs: list[str], names: list[str], draft_size: int | None, source: str
 ) -> ImageDataset:
-    if not paths:
+    if not refs:
         raise DataError(f"{source}: no images found")
-    good, bad = _scan(paths, draft_size)
-    if bad:
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        shown = "\n  ".join(bad[:20]) + more
-        logger.warning("skipping %d unreadable image(s) in %s:\n  %s", len(bad), source, shown)
+    good, bad = _scan(refs, draft_size)
+    warn_skipped(bad, source)
     if not good:
-        raise DataError(f"{source}: none of the {len(paths)} images can be read")
-    class_names = sorted(set(names))
+        raise DataError(f"{source}: none of the {len(refs)} images can be read")
+    class_names = sorted({names[i] for i in good})
     lookup = {c: i for i, c in enumerate(class_names)}
-    paths = [paths[i] for i in good]
+    refs = [refs[i] for i in good]
     labels = np.array([lookup[names[i]] for i in good], dtype=np.int64)
-    return ImageDataset(FileStore(paths, draft_size), labels, paths, class_names)
+    return ImageDataset(FileStore(refs, draft_size), labels, refs, class_names)
 
 
-def load_folder(root: str | os.PathLike, draft_size: int | None = None) -> ImageDataset:
-    """An image folder with one sub-folder per class; corrupt images are skipped with a warning."""
+def load_folder(
+    root: str | os.PathLike,
+    draft_size: int | None = None,
+    labels: str = LABELS_FROM_FOLDERS,
+) -> ImageDataset:
+    """The images of a folder at any depth, labelled by their first-level sub-folder or not
+    at all (see the module docstring); unreadable images are skipped with one warning.
+
+    Args:
+        root: the folder.
+        draft_size: see :class:`FileStore`.
+        labels: ``from-folders`` or ``none`` (:data:`LABEL_MODES`).
+    """
+    _check_labels(labels)
     root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
-    paths, names = [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and is_image_file(f):
-                paths.append(str(f))
-                names.append(class_dir.name)
-    if not paths:
+    files = list_image_files(root)
+    if not files:
         raise DataError(
-            f"{root}: no images found; expected one sub-folder per class holding image "
-            "files (.jpg, .png, .webp, ...)"
+            f"{root}: no images found (image files: {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+            "in the folder or any sub-folder)"
         )
-    return _files_dataset(paths, names, draft_size, str(root))
+    if labels == LABELS_NONE:
+        names = [UNLABELLED] * len(files)
+    else:
+        top_name = root.name or UNLABELLED
+        names = [top_name if f.parent == root else f.relative_to(root).parts[0] for f in files]
+        loose = [f.name for f in files if f.parent == root]
+        if loose and len(loose) < len(files):
+            shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+            logger.warning(
+                "%d image(s) lie directly in %s, beside its class sub-folders (%s): they are "
+                "labelled %r; move them into a sub-folder to label them otherwise, or read "
+                "the folder without labels",
+                len(loose),
+                root,
+                shown,
+                top_name,
+            )
+    return _files_dataset([str(f) for f in files], names, draft_size, str(root))
+
+
+def load_files(
+    items: Sequence[str | os.PathLike],
+    draft_size: int | None = None,
+    source: str = "the query images",
+) -> ImageDataset:
+    """Unlabelled images from files, folders (searched at any depth) and built-in references,
+    in the order given: what a search reads its queries from.
+
+    Files that cannot be read (missing, not images, corrupt, too large) are skipped and listed
+    once in one warning; the dataset's ``refs`` are the files kept, each labelled
+    :data:`UNLABELLED`.
+
+    Args:
+        items: image files, folders, or ``fashion-mnist:SPLIT:INDEX`` references.
+        draft_size: see :class:`FileStore`.
+        source: how to name them in messages.
+
+    Raises:
+        DataError: a folder holds no images, or no image at all can be read.
+    """
+    refs = expand_image_paths(items)
+    return _files_dataset(refs, [UNLABELLED] * len(refs), draft_size, source)
 
 
 def load_csv(
-    csv_path: str | os.PathLike, split: str | None = None, draft_size: int | None = None
+    csv_path: str | os.PathLike,
+    split: str | None = None,
+    draft_size: int | None = None,
+    labels: str = LABELS_FROM_FOLDERS,
 ) -> ImageDataset:
-    """A CSV manifest with a header ``path,label[,split]``; paths are relative to its folder.
+    """A CSV manifest with a header ``path[,label][,split]``; paths are relative to its folder.
 
     Args:
         csv_path: the manifest.
         split: keep only rows whose ``split`` column equals this (needs the column).
         draft_size: see :class:`FileStore`.
+        labels: ``from-folders`` uses the ``label`` column (every row unlabelled when there is
+            none); ``none`` ignores it.
     """
+    _check_labels(labels)
     csv_path = Path(csv_path).expanduser().resolve()
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
-        if "path" not in fields or "label" not in fields:
+        if "path" not in fields:
             raise DataError(
-                f"{csv_path}: the header must name the columns path,label[,split]; found {fields}"
+                f"{csv_path}: the header must name the columns path[,label][,split]; found {fields}"
             )
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     if split is not None:
@@ -247,13 +423,15 @@ def load_csv(
         rows = [r for r in rows if r["split"] == split]
         if not rows:
             raise DataError(f"{csv_path}: no row has split == {split!r}")
+    use_labels = labels == LABELS_FROM_FOLDERS and "label" in fields
     paths, names = [], []
     for n, row in enumerate(rows, start=2):
-        if not row["path"] or not row["label"]:
-            raise DataError(f"{csv_path}, line {n}: empty path or label")
+        if not row["path"] or (use_labels and not row["label"]):
+            what = "path or label" if use_labels else "path"
+            raise DataError(f"{csv_path}, line {n}: empty {what}")
         p = Path(row["path"]).expanduser()
         paths.append(str(p if p.is_absolute() else (csv_path.parent / p).resolve()))
-        names.append(row["label"])
+        names.append(row["label"] if use_labels else UNLABELLED)
     return _files_dataset(paths, names, draft_size, str(csv_path))
 
 
@@ -262,6 +440,7 @@ def open_source(
     split: str | None = None,
     root: str | os.PathLike | None = None,
     draft_size: int | None = None,
+    labels: str = LABELS_FROM_FOLDERS,
 ) -> ImageDataset:
     """Open a dataset named by ``spec`` (see the module docstring).
 
@@ -270,7 +449,9 @@ def open_source(
         split: the split, for the built-in set (default 'train') or a CSV with a split column.
         root: where the built-in set lives, when not in the default places.
         draft_size: see :class:`FileStore`.
+        labels: ``from-folders`` or ``none`` (:data:`LABEL_MODES`).
     """
+    _check_labels(labels)
     if spec == BUILTIN or spec.startswith(BUILTIN + ":"):
         _, _, spec_split = spec.partition(":")
         if spec_split and split and spec_split != split:
@@ -278,18 +459,18 @@ def open_source(
         chosen = spec_split or split or "train"
         if chosen not in fashion_mnist.SPLITS:
             raise DataError(f"{BUILTIN} has splits {fashion_mnist.SPLITS}, not {chosen!r}")
-        return load_builtin(chosen, root)
+        return load_builtin(chosen, root, labels)
     path = Path(spec).expanduser()
     if path.is_dir():
         if split is not None:
             raise DataError("--split applies to the built-in dataset and CSV manifests only")
-        return load_folder(path, draft_size)
+        return load_folder(path, draft_size, labels)
     if path.suffix.lower() == ".csv":
-        return load_csv(path, split, draft_size)
+        return load_csv(path, split, draft_size, labels)
     if not path.exists():
         raise DataError(
             f"{spec}: no such file or folder (a source is '{BUILTIN}[:train|test]', "
-            "a folder of class sub-folders, or a CSV manifest path,label[,split])"
+            "a folder of images, or a CSV manifest path[,label][,split])"
         )
     raise DataError(
         f"{spec} is neither a folder nor a .csv manifest (nor '{BUILTIN}[:train|test]')"

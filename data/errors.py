@@ -9,3 +9,7 @@ class DataError(ValueError):
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
     """A dataset could not be found on disk nor fetched."""
+
+
+class DecodeBusyError(RuntimeError):
+    """Every image-decoding slot stayed busy too long (a server answers 503: retry later)."""

@@ -47,11 +47,13 @@ def open_images(
     classes: str | None = None,
     data_root: str | os.PathLike | None = None,
     image_size: int | None = None,
+    labels: str = "from-folders",
 ) -> ImageDataset:
-    """The images of a source (built-in, folder or CSV), filtered to ``classes``."""
+    """The images of a source (built-in, folder or CSV), filtered to ``classes``; ``labels``:
+    ``from-folders`` or ``none`` (:func:`data.datasets.open_source`)."""
     from data.datasets import open_source, parse_classes
 
-    ds = open_source(spec, split=split, root=data_root, draft_size=image_size)
+    ds = open_source(spec, split=split, root=data_root, draft_size=image_size, labels=labels)
     return ds.filter_classes(parse_classes(classes))
 
 
@@ -87,6 +89,7 @@ def embed_to_file(
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    labels: str = "from-folders",
 ) -> tuple[Path, Path, tuple[int, ...]]:
     """Embed a source into ``OUT.npy`` and ``OUT.ids.json``; returns both paths and the shape."""
     from retrieval.atomic import write_json, write_npy
@@ -95,7 +98,7 @@ def embed_to_file(
 
     net, state = load_model(model_path)
     cfg = ModelConfig.from_dict(state["model_config"])
-    ds = open_images(source, split, classes, data_root, cfg.image_size)
+    ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
     emb = embed(net, ds, cfg.preprocessing, device, source, progress)
     out = Path(out)
     out = out if out.suffix == ".npy" else out.with_suffix(".npy")
@@ -115,6 +118,7 @@ def embed_shard_of_source(
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    labels: str = "from-folders",
 ) -> Path:
     """This process's shard of a source under ``torchrun`` (:mod:`retrieval.index.shards`)."""
     from retrieval.atomic import file_sha256
@@ -127,7 +131,7 @@ def embed_shard_of_source(
     rank = rank_from_env()
     net, state = load_model(model_path)
     cfg = ModelConfig.from_dict(state["model_config"])
-    ds = open_images(source, split, classes, data_root, cfg.image_size)
+    ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
     ds = ds.with_transform(cfg.preprocessing.transform())
     dev = pick_device(device)
     dev = rank_device(dev, rank) if dev.type == "cuda" else dev  # one GPU per process
@@ -188,6 +192,7 @@ def build_index(
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    labels: str = "from-folders",
 ) -> GalleryIndex:
     """Embed a gallery (or read embedded shards) and save an index folder at ``out``."""
     from retrieval.atomic import file_sha256, real_path
@@ -227,7 +232,7 @@ def build_index(
 
             index = build_index_from_shards(from_shards, **built_with, on_disk=work)
         else:
-            ds = open_images(source, split, classes, data_root, cfg.image_size)
+            ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
             emb = embed(net, ds, cfg.preprocessing, device, source, progress)
             index = GalleryIndex.build(
                 emb, ds.refs, ds.labels, ds.class_names, **built_with, on_disk=work
@@ -250,23 +255,31 @@ def add_to_index(
     model_path: str | os.PathLike | None = None,
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    labels: str = "from-folders",
 ) -> tuple[list[int], int]:
     """Embed images (files, folders, CSV manifests, built-in references) and add them to an
     index under the writer lock; returns their new ids and the index's new size."""
     import numpy as np
 
-    from data.datasets import BUILTIN, open_source
-    from data.images import read_image
+    from data.datasets import BUILTIN, load_files, open_source
     from retrieval.index.lock import index_lock
     from retrieval.serving.service import UNLABELLED, SearchService
 
+    def is_source(src: str) -> bool:
+        return Path(src).is_dir() or src.lower().endswith(".csv") or src.startswith(BUILTIN)
+
     with index_lock(index_dir):
         service = SearchService(index_dir, model_path, device=device)
-        vectors, refs, labels = [], [], []
+        vectors, refs, names = [], [], []
+        files = [src for src in sources if not is_source(src)]
+        if files:  # single images: unreadable ones skipped with one warning, as in folders
+            ds = load_files(files, draft_size=service.image_size, source="the added files")
+            vectors.append(service.embed([ds.image(i) for i in range(len(ds))]))
+            refs += [str(Path(r).resolve()) for r in ds.refs]
+            names += [label or UNLABELLED] * len(ds)
         for src in sources:
-            path = Path(src)
-            if path.is_dir() or path.suffix.lower() == ".csv" or src.startswith(BUILTIN):
-                ds = open_source(src, draft_size=service.image_size)
+            if is_source(src):
+                ds = open_source(src, draft_size=service.image_size, labels=labels)
                 done = (progress or _no_progress)(f"embedding {src}", len(ds))
                 from retrieval.model.embed import embed_dataset
 
@@ -279,12 +292,8 @@ def add_to_index(
                     )
                 )
                 refs += ds.refs
-                labels += [label or ds.class_names[y] for y in ds.labels]
-            else:
-                vectors.append(service.embed([read_image(path)]))
-                refs.append(str(path.resolve()))
-                labels.append(label or UNLABELLED)
-        ids = service.add_vectors(np.concatenate(vectors), refs, labels)
+                names += [label or ds.class_names[y] for y in ds.labels]
+        ids = service.add_vectors(np.concatenate(vectors), refs, names)
     return ids, len(service)
 
 
@@ -488,6 +497,7 @@ def evaluate_source(
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    labels: str = "from-folders",
 ) -> EvaluationRun:
     """Evaluate a model (or raw pixels) on a source with a protocol (see ``PROTOCOLS``)."""
     from data.datasets import open_source
@@ -525,7 +535,7 @@ def evaluate_source(
         return embed(net, ds, cfg.preprocessing, device, what, progress)
 
     size = cfg.image_size if cfg is not None else None
-    ds = open_images(source, split, classes, data_root, size)
+    ds = open_images(source, split, classes, data_root, size, labels)
     x = vectors(ds, source)
     names = ds.class_names
     if protocol == "leave-one-out":
@@ -537,7 +547,9 @@ def evaluate_source(
         qds, gds = ds.subset(q_pos), ds.subset(g_pos)
         xq, yq, xb, yb = x[q_pos], ds.labels[q_pos], x[g_pos], ds.labels[g_pos]
     else:
-        gds = open_source(gallery, split=gallery_split, root=data_root, draft_size=size)
+        gds = open_source(
+            gallery, split=gallery_split, root=data_root, draft_size=size, labels=labels
+        )
         qds = ds
         xq, xb = x, vectors(gds, gallery)
         yq, yb, names = align_labels(ds.labels, ds.class_names, gds.labels, gds.class_names)

@@ -38,6 +38,11 @@ err_console = Console(stderr=True)
 
 #: Without a terminal (output to a file or a pipe) a progress line is printed at most this often.
 LINE_INTERVAL_S = 30.0
+#: ``--labels`` help, shared by the commands that open a source of images.
+LABELS_HELP = (
+    "How images are labelled: from-folders (a folder's first-level sub-folders; images directly "
+    "in the folder take its name; a CSV's label column) or none (every image 'unlabelled')."
+)
 #: Device option help, shared by the commands that run a network.
 DEVICE_HELP = "auto | cpu | cuda | mps."
 

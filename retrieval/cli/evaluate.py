@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli._common import DEVICE_HELP, app, bar_factory, console, parse_ks, progress
+from retrieval.cli._common import (
+    DEVICE_HELP,
+    LABELS_HELP,
+    app,
+    bar_factory,
+    console,
+    parse_ks,
+    progress,
+)
 
 #: The k's reported by default (retrieval.evaluation.metrics.DEFAULT_KS, without importing it).
 DEFAULT_KS = "1,2,4,8"
@@ -74,6 +82,7 @@ def evaluate_cmd(
     data_root: Annotated[Path | None, typer.Option(help="Folder of the built-in dataset.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    labels: Annotated[str, typer.Option("--labels", help=LABELS_HELP)] = "from-folders",
     cutpoint: Annotated[
         str | None,
         typer.Option(

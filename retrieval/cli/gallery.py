@@ -8,10 +8,21 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from retrieval.cli._common import DEVICE_HELP, app, bar_factory, console, index_app, progress
+from retrieval.cli._common import (
+    DEVICE_HELP,
+    LABELS_HELP,
+    app,
+    bar_factory,
+    console,
+    index_app,
+    progress,
+)
 from retrieval.errors import UserError
 
-SOURCE_HELP = "fashion-mnist[:train|test], a folder of images, or a CSV manifest."
+SOURCE_HELP = (
+    "fashion-mnist[:train|test], a folder of images (nested at any depth), or a CSV manifest "
+    "path[,label][,split]."
+)
 INDEX_HELP = (
     "FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF1024,PQ16, OPQ16,IVF1024,PQ16, "
     "SQ8, ... or auto (chosen from the gallery size and --memory-budget)."
@@ -20,6 +31,7 @@ Split = Annotated[str | None, typer.Option(help="Split (built-in or CSV split co
 Classes = Annotated[str | None, typer.Option(help="Keep these classes, e.g. 5-9.")]
 DataRoot = Annotated[Path | None, typer.Option(help="Folder of the built-in dataset.")]
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
+Labels = Annotated[str, typer.Option("--labels", help=LABELS_HELP)]
 
 
 @app.command("embed")
@@ -43,6 +55,7 @@ def embed_cmd(
     classes: Classes = None,
     data_root: DataRoot = None,
     device: Device = "auto",
+    labels: Labels = "from-folders",
 ) -> None:
     """Embed every image of a source into OUT.npy and OUT.ids.json, or a shard per process.
 
@@ -60,11 +73,11 @@ def embed_cmd(
     with progress(transient=True) as bar:
         if shards is not None:
             path = embed_shard_of_source(
-                model, source, shards, split, classes, data_root, device, bar_factory(bar)
+                model, source, shards, split, classes, data_root, device, bar_factory(bar), labels
             )
         else:
             npy, ids, shape = embed_to_file(
-                model, source, out, split, classes, data_root, device, bar_factory(bar)
+                model, source, out, split, classes, data_root, device, bar_factory(bar), labels
             )
     if shards is not None:
         console.print(
@@ -126,6 +139,7 @@ def index_build(
     classes: Classes = None,
     data_root: DataRoot = None,
     device: Device = "auto",
+    labels: Labels = "from-folders",
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
     from retrieval.workflows import BuildSpec, build_index
@@ -143,6 +157,7 @@ def index_build(
             data_root,
             device,
             bar_factory(bar),
+            labels,
         )
     where = " (inverted lists on disk)" if on_disk else ""
     console.print(
@@ -177,12 +192,15 @@ def index_add(
         ),
     ] = None,
     device: Device = "auto",
+    labels: Labels = "from-folders",
 ) -> None:
     """Add images to an index; they get new ids (ids are never reused)."""
     from retrieval.workflows import add_to_index
 
     with progress(transient=True) as bar:
-        ids, total = add_to_index(index_dir, sources, label, model, device, bar_factory(bar))
+        ids, total = add_to_index(
+            index_dir, sources, label, model, device, bar_factory(bar), labels
+        )
     span = f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}-{ids[-1]}"
     console.print(f"added {len(ids)} images ({span}) to {index_dir}; it holds {total}")
 

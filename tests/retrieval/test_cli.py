@@ -329,3 +329,45 @@ def test_progress_lines_are_rate_limited():
         lines.advance(task, 1)
     printed = console.export_text().splitlines()
     assert len(printed) == 1 and printed[0].startswith("embedding: 10/10"), printed
+
+
+def test_folders_as_people_keep_them(trained_run, digits_folder, tmp_path, capsys):
+    """Loose images beside class folders are indexed too; --labels none ignores folders; a plain
+    folder of queries is searched."""
+    top = tmp_path / "top"
+    (top / "shoes").mkdir(parents=True)
+    for n, f in enumerate(sorted((digits_folder / "digit1").iterdir())):
+        (top / "shoes" / f.name).write_bytes(f.read_bytes())
+        (top / f"loose{n}.png").write_bytes(
+            sorted((digits_folder / "digit2").iterdir())[n].read_bytes()
+        )
+    ck = trained_run / "best.pt"
+    code, out, err = run_cli(
+        ["index", "build", top, "--model", ck, "--out", tmp_path / "a", "--device", "cpu"], capsys
+    )
+    assert code == 0 and f"indexed {2 * PER_CLASS} images" in out, err
+    code, out, err = run_cli(
+        [
+            "index",
+            "build",
+            top,
+            "--model",
+            ck,
+            "--out",
+            tmp_path / "b",
+            "--labels",
+            "none",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, out, err = run_cli(
+        ["search", tmp_path / "b", top / "shoes", "--k", "1", "--json", "--device", "cpu"], capsys
+    )
+    assert code == 0, err
+    queries = json.loads(out)["queries"]
+    assert len(queries) == PER_CLASS
+    assert {q["results"][0]["label"] for q in queries} == {"unlabelled"}
+    assert all(q["results"][0]["ref"] == q["query"] for q in queries)  # each finds itself
