@@ -1,7 +1,7 @@
 """Benchmark embedding a folder of photos: the library's path against a bare loop.
 
-1. Makes a folder of photo-like JPEGs (smooth random colour fields with some texture, default
-   200 images of 800 x 600) in a temporary folder.
+1. Makes a folder of photo-like JPEGs (smooth random colour fields with shapes and noise,
+   default 200 images of 800 x 600) in a temporary folder.
 2. **Library**: what ``retrieval embed FOLDER --model MODEL`` does — resolve the model, open the
    folder, decode and preprocess in DataLoader workers, batched inference
    (:func:`retrieval.model.embed.embed_dataset`). Timed without and with opening the folder
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from data.datasets import open_source
 from retrieval.model.embed import default_batch_size, default_num_workers, embed_dataset
@@ -61,26 +61,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth random colour field with filled shapes and lines, slightly blurred, with
+    sensor-like noise: it decodes and resizes like a photo."""
+    coarse = rng.integers(0, 256, size=(rng.integers(2, 5), rng.integers(2, 5), 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    side = min(width, height)
+    for _ in range(rng.integers(6, 12)):
+        x0, y0 = rng.uniform(-0.1, 1.0) * width, rng.uniform(-0.1, 1.0) * height
+        box = [x0, y0, x0 + rng.uniform(0.05, 0.4) * side, y0 + rng.uniform(0.05, 0.4) * side]
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        shape = (draw.ellipse, draw.rectangle)[int(rng.integers(0, 2))]
+        shape(box, fill=colour)
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(side / 300)), dtype=np.float32)
+    pixels = pixels + rng.normal(0, 4, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def make_photos(folder: Path, n: int, width: int, height: int, seed: int = 0) -> list[Path]:
-    """``n`` photo-like JPEGs in ``folder/photos/``: a coarse random colour field upscaled
-    smoothly, plus fine noise and a few soft shapes, so that JPEG decoding costs what it costs
-    on a photo."""
+    """``n`` photo-like JPEGs (:func:`photo_like`, quality 90) in ``folder/photos/``."""
     rng = np.random.default_rng(seed)
     out = folder / "photos"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        coarse = rng.integers(0, 256, size=(rng.integers(3, 8), rng.integers(3, 8), 3))
-        field = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC)
-        pixels = np.asarray(field, dtype=np.float32)
-        yy, xx = np.mgrid[0:height, 0:width]
-        for _ in range(3):  # soft blobs
-            cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(20, 150)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
-            pixels += blob * rng.uniform(-120, 120, size=3)
-        pixels += rng.normal(0, 6, size=pixels.shape)  # sensor noise / texture
         path = out / f"photo_{i:04d}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        photo_like(rng, width, height).save(path, quality=90)
         paths.append(path)
     return paths
 
