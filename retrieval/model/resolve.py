@@ -167,6 +167,27 @@ def resolve_model(spec: str | os.PathLike, image_size: int | None = None) -> Emb
     return _from_file(name, path, image_size)
 
 
+def resolve_for_index(
+    recorded: str, preprocessing: dict | None = None, model: str | os.PathLike | None = None
+) -> Embedder:
+    """The model that embeds queries for an index: ``model`` when given, else the one the index
+    recorded (its manifest's ``model_path``), at the image size the index was built with (its
+    manifest's ``preprocessing``), so that its queries are embedded as its gallery was. The
+    index still compares :attr:`Embedder.sha256` with its own record.
+
+    Raises:
+        UserError: the recorded checkpoint file is gone (the message says to pass --model), or
+            anything :func:`resolve_model` raises.
+    """
+    size = (preprocessing or {}).get("image_size")
+    if model is None:
+        arch, _ = _split(recorded) if recorded else (None, "")
+        if arch is None and not Path(recorded).is_file():
+            raise UserError(f"the index's model {recorded or '?'} is gone; pass --model MODEL")
+        model = recorded
+    return resolve_model(model, None if size is None else int(size))
+
+
 def training_start(spec: str, image_size: int | None = None) -> TrainingStart:
     """The training options ``spec`` (a named model) stands for, without building anything.
 

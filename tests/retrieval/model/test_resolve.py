@@ -17,7 +17,12 @@ from retrieval.errors import UserError
 from retrieval.index.gallery import GalleryIndex
 from retrieval.model.checkpoint import load_model
 from retrieval.model.embed import embed_dataset
-from retrieval.model.resolve import recognise_arch, resolve_model, training_start
+from retrieval.model.resolve import (
+    recognise_arch,
+    resolve_for_index,
+    resolve_model,
+    training_start,
+)
 from tests.conftest import REPO
 from tests.retrieval.model.conftest import file_dataset
 
@@ -218,3 +223,18 @@ def test_resized_and_reencoded_copies_find_their_original_first(photos, tmp_path
     found = embed_dataset(e.model, file_dataset(queries, e.transform(), e.image_size))
     nearest = (found @ gallery.T).argmax(axis=1)
     assert nearest.tolist() == truth
+
+
+def test_an_index_gets_back_the_model_and_image_size_it_was_built_with(tmp_path, small_checkpoint):
+    lite = resolve_model("efficientnet_lite0", image_size=96)
+    fields = lite.index_fields()
+    again = resolve_for_index(fields["model_path"], fields["preprocessing"])
+    assert (again.spec, again.image_size, again.sha256) == ("efficientnet_lite0", 96, lite.sha256)
+    ckpt = resolve_model(small_checkpoint)
+    fields = ckpt.index_fields()
+    assert resolve_for_index(fields["model_path"], fields["preprocessing"]).sha256 == ckpt.sha256
+    with pytest.raises(UserError, match="at least 32 px"):  # the index's 20 px, for lite0
+        resolve_for_index(fields["model_path"], fields["preprocessing"], "efficientnet_lite0")
+    small_checkpoint.unlink()
+    with pytest.raises(UserError, match="is gone; pass --model"):
+        resolve_for_index(fields["model_path"], fields["preprocessing"])
