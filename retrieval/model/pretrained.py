@@ -106,9 +106,9 @@ def imagenet_weights(arch: str) -> tuple[StateDict, Path]:
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
-    said = io.StringIO()  # torch.hub announces a download on stderr: keep errors one line
+    said = io.StringIO()  # torch.hub announces a download on stdout: keep it clean (--json)
     try:
-        with contextlib.redirect_stderr(said):
+        with contextlib.redirect_stdout(said):
             state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())[:120]

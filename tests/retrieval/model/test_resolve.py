@@ -73,7 +73,7 @@ def test_torchvision_imagenet_weights_without_a_network_fail_in_one_line(no_netw
     message = str(err.value)
     assert "\n" not in message
     assert "resnet50:PATH" in message and "efficientnet_lite0" in message
-    assert capsys.readouterr().err == ""  # torch.hub's "Downloading: ..." line is kept quiet
+    assert capsys.readouterr() == ("", "")  # torch.hub's "Downloading: ..." line is kept quiet
     with pytest.raises(UserError, match="could not download"):
         resolve_model("mobilenet_v3_small")  # a bare name means its ImageNet weights
 
