@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from retrieval.errors import USER_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,38 @@ def _has_convolutions(model: nn.Module) -> bool:
     return any(p.dim() == 4 for p in model.parameters())
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A user error (a corrupt image, ...) raised while reading an item in a worker process."""
+
+    error: type[Exception]
+    message: str
+
+
+class _Guarded(Dataset):
+    """``dataset`` whose items are read in worker processes: a user error comes back as a
+    :class:`_Failed` and is raised again, unchanged, in the main process. (The DataLoader would
+    raise it with the worker's traceback in its message, and the command line prints user
+    errors' messages as one line.)"""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except USER_ERRORS as exc:
+            return _Failed(type(exc), str(exc))
+
+
+def _collate(items: list):
+    failed = next((item for item in items if isinstance(item, _Failed)), None)
+    return failed if failed is not None else default_collate(items)
+
+
 def embed_dataset(
     model: nn.Module,
     dataset: Dataset,
@@ -181,11 +215,13 @@ def embed_dataset(
     if channels_last != was_channels_last:
         _to_layout(model, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    num_workers = min(num_workers, -(-n // batch_size))  # no idle workers
     loader = DataLoader(
-        dataset,
+        _Guarded(dataset) if num_workers else dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=min(num_workers, max(1, -(-n // batch_size))) if num_workers else 0,
+        num_workers=num_workers,
+        collate_fn=_collate if num_workers else None,
         pin_memory=device.type == "cuda",
     )
     logger.info(
@@ -199,7 +235,10 @@ def embed_dataset(
     out, done, start = [], 0, time.perf_counter()
     try:
         with torch.inference_mode():
-            for images, _ in loader:
+            for batch in loader:
+                if isinstance(batch, _Failed):
+                    raise batch.error(batch.message)
+                images = batch[0]
                 x = images.to(device, non_blocking=True)
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=fmt)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data.datasets import ArrayStore, ImageDataset
+from data.errors import DataError
 from retrieval.model.embed import (
     EmbedProgress,
     default_num_workers,
@@ -86,3 +87,15 @@ def test_the_benchmark_runs_at_a_small_size(tmp_path):
     assert result["max_difference"] <= bench.TOLERANCE
     assert result["bare_images_per_s"] > 0 and result["library_images_per_s"] > 0
     assert (tmp_path / "b.json").is_file()
+
+
+def test_an_image_that_fails_in_a_worker_raises_the_same_one_line_error(photos, net):
+    broken = photos[0].parent / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:300])  # truncated after listing
+    dataset = file_dataset([*photos[:3], broken], PREPROCESSING.transform(), draft_size=48)
+    with pytest.raises(DataError) as in_process:
+        embed_dataset(net, dataset, batch_size=2, num_workers=0)
+    with pytest.raises(DataError) as in_worker:
+        embed_dataset(net, dataset, batch_size=2, num_workers=1)
+    assert str(in_worker.value) == str(in_process.value)
+    assert "broken.jpg" in str(in_worker.value) and "Traceback" not in str(in_worker.value)
