@@ -191,7 +191,7 @@ def embed_dataset(
             image's size.
         device: where to run the model.
         num_workers: DataLoader worker processes decoding images; default
-            :func:`default_num_workers`.
+            :func:`default_num_workers` (none for a single batch).
         on_batch: called with the number of images after each batch.
         on_progress: called with an :class:`EmbedProgress` after each batch.
         channels_last: run in channels-last layout; default on the CPU for convolutional
@@ -200,9 +200,7 @@ def embed_dataset(
     """
     device = torch.device(device)
     n = len(dataset)
-    if num_workers is None:
-        num_workers = default_num_workers(dataset, device)
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if batch_size is None:
         batch_size = default_batch_size(int(dataset[0][0].shape[-1])) if n else DEFAULT_BATCH_SIZE
@@ -215,7 +213,10 @@ def embed_dataset(
     if channels_last != was_channels_last:
         _to_layout(model, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    num_workers = min(num_workers, -(-n // batch_size))  # no idle workers
+    batches = -(-n // batch_size)
+    if num_workers is None:  # one batch: nothing to overlap its decoding with
+        num_workers = default_num_workers(dataset, device) if batches > 1 else 0
+    num_workers = min(num_workers, batches)  # no idle workers
     loader = DataLoader(
         _Guarded(dataset) if num_workers else dataset,
         batch_size=batch_size,

@@ -32,10 +32,13 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from retrieval.errors import UserError
 from retrieval.model.spec import DEFAULT_EMBEDDING_DIM, ModelConfig, Preprocessing
+
+if TYPE_CHECKING:  # importing torch costs seconds; the command line imports this to parse
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class Embedder:
             (``imagenet`` or the absolute weights path); None for checkpoints.
     """
 
-    model: Any
+    model: nn.Module
     config: ModelConfig
     name: str
     spec: str
