@@ -6,8 +6,8 @@ The pipeline (:func:`embed_dataset`):
   the previous batch (:func:`default_num_workers` chooses how many);
 - batches run under ``torch.inference_mode()`` (no autograd bookkeeping);
 - on the CPU, convolutional networks run in channels-last memory layout, which oneDNN's
-  convolutions prefer (measured with ``scripts/bench_embed.py``: EfficientNet-Lite0 at 224 px
-  on 2 cores runs faster than with the default layout);
+  convolutions prefer (``scripts/bench_embed.py``: EfficientNet-Lite0's forward pass at 224 px
+  on 2 cores ran 1.6-1.7x faster than in the default layout);
 - progress is reported after every batch with the images per second so far
   (:class:`EmbedProgress`), for a progress bar with its rate and ETA in the command line.
 """
