@@ -1,1 +1,2 @@
-"""The embedding model: networks, pretrained weights, checkpoints, embedding, export."""
+"""The embedding model: networks, pretrained weights, model specs (resolve), checkpoints,
+embedding, export."""

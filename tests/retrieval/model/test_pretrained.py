@@ -3,7 +3,6 @@ offline EfficientNet-Lite0 weights of the [pretrained] extra."""
 
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +50,6 @@ def test_files_that_are_not_plain_state_dicts_are_refused_without_unpickling(tmp
         load_pretrained("resnet18", tmp_path / "meta.pt")
     with pytest.raises(UserError, match="no such weights file"):
         load_pretrained("resnet18", tmp_path / "missing.pt")
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """torchvision's download fails as it does offline (and nothing is cached)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def fail(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fail)
 
 
 def test_imagenet_without_a_network_says_what_to_do(no_network):
