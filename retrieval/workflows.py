@@ -90,16 +90,15 @@ def embed_to_file(
     device: str = "auto",
     progress: ProgressFactory | None = None,
     labels: str = "from-folders",
+    image_size: int | None = None,
 ) -> tuple[Path, Path, tuple[int, ...]]:
     """Embed a source into ``OUT.npy`` and ``OUT.ids.json``; returns both paths and the shape."""
     from retrieval.atomic import write_json, write_npy
-    from retrieval.model.checkpoint import load_model
-    from retrieval.model.spec import ModelConfig
+    from retrieval.model.resolve import resolve_model
 
-    net, state = load_model(model_path)
-    cfg = ModelConfig.from_dict(state["model_config"])
-    ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
-    emb = embed(net, ds, cfg.preprocessing, device, source, progress)
+    e = resolve_model(model_path, image_size)
+    ds = open_images(source, split, classes, data_root, e.image_size, labels)
+    emb = embed(e.model, ds, e.preprocessing, device, source, progress)
     out = Path(out)
     out = out if out.suffix == ".npy" else out.with_suffix(".npy")
     write_npy(out, emb)
@@ -119,20 +118,18 @@ def embed_shard_of_source(
     device: str = "auto",
     progress: ProgressFactory | None = None,
     labels: str = "from-folders",
+    image_size: int | None = None,
 ) -> Path:
     """This process's shard of a source under ``torchrun`` (:mod:`retrieval.index.shards`)."""
-    from retrieval.atomic import file_sha256
     from retrieval.index.shards import BACKEND, embed_shard, shard_range
-    from retrieval.model.checkpoint import load_model
     from retrieval.model.embed import pick_device
-    from retrieval.model.spec import ModelConfig
+    from retrieval.model.resolve import resolve_model
     from retrieval.training.distributed import process_group, rank_device, rank_from_env
 
     rank = rank_from_env()
-    net, state = load_model(model_path)
-    cfg = ModelConfig.from_dict(state["model_config"])
-    ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
-    ds = ds.with_transform(cfg.preprocessing.transform())
+    e = resolve_model(model_path, image_size)
+    ds = open_images(source, split, classes, data_root, e.image_size, labels)
+    ds = ds.with_transform(e.transform())
     dev = pick_device(device)
     dev = rank_device(dev, rank) if dev.type == "cuda" else dev  # one GPU per process
     with process_group(rank, BACKEND):
@@ -140,12 +137,12 @@ def embed_shard_of_source(
             f"embedding {source} (rank {rank.rank})", len(shard_range(len(ds), rank))
         )
         return embed_shard(
-            net,
+            e.model,
             ds,
             shards,
             rank,
-            file_sha256(model_path),
-            str(Path(model_path).resolve()),
+            e.sha256,
+            e.spec,
             source,
             device=dev,
             on_batch=done,
@@ -193,13 +190,13 @@ def build_index(
     device: str = "auto",
     progress: ProgressFactory | None = None,
     labels: str = "from-folders",
+    image_size: int | None = None,
 ) -> GalleryIndex:
     """Embed a gallery (or read embedded shards) and save an index folder at ``out``."""
-    from retrieval.atomic import file_sha256, real_path
+    from retrieval.atomic import real_path
     from retrieval.index.gallery import METRICS, GalleryIndex, is_index_folder, parse_memory
     from retrieval.index.lock import index_lock
-    from retrieval.model.checkpoint import load_model
-    from retrieval.model.spec import ModelConfig
+    from retrieval.model.resolve import resolve_model
 
     if spec.metric not in METRICS:
         raise UserError(f"unknown metric {spec.metric!r}; choose one of {', '.join(METRICS)}")
@@ -211,13 +208,10 @@ def build_index(
             "--split and --classes apply when embedding; the shards are already embedded"
         )
     check_index_out(out, spec.overwrite)
-    net, state = load_model(model_path)
-    cfg = ModelConfig.from_dict(state["model_config"])
+    e = resolve_model(model_path, image_size)
     built_with = dict(
         metric=spec.metric,
-        model_sha256=file_sha256(model_path),
-        model_path=str(Path(model_path).resolve()),
-        preprocessing=cfg.preprocessing.as_dict(),
+        **e.index_fields(),
         index_type=spec.index_type,
         memory_budget=budget,
     )
@@ -232,8 +226,8 @@ def build_index(
 
             index = build_index_from_shards(from_shards, **built_with, on_disk=work)
         else:
-            ds = open_images(source, split, classes, data_root, cfg.image_size, labels)
-            emb = embed(net, ds, cfg.preprocessing, device, source, progress)
+            ds = open_images(source, split, classes, data_root, e.image_size, labels)
+            emb = embed(e.model, ds, e.preprocessing, device, source, progress)
             index = GalleryIndex.build(
                 emb, ds.refs, ds.labels, ds.class_names, **built_with, on_disk=work
             )
@@ -498,6 +492,7 @@ def evaluate_source(
     device: str = "auto",
     progress: ProgressFactory | None = None,
     labels: str = "from-folders",
+    image_size: int | None = None,
 ) -> EvaluationRun:
     """Evaluate a model (or raw pixels) on a source with a protocol (see ``PROTOCOLS``)."""
     from data.datasets import open_source
@@ -508,8 +503,7 @@ def evaluate_source(
         read_query_gallery_flags,
         split_query_gallery,
     )
-    from retrieval.model.checkpoint import load_model
-    from retrieval.model.spec import ModelConfig
+    from retrieval.model.resolve import resolve_model
 
     if (model_path is None) == (not pixels):
         raise UserError("give either --model CHECKPOINT or --pixels")
@@ -524,17 +518,14 @@ def evaluate_source(
         )
     if classes is None:
         classes = default_eval_classes(source)
-    net = cfg = None
-    if model_path is not None:
-        net, state = load_model(model_path)
-        cfg = ModelConfig.from_dict(state["model_config"])
+    e = resolve_model(model_path, image_size) if model_path is not None else None
 
     def vectors(ds: ImageDataset, what: str):
-        if cfg is None:
+        if e is None:
             return pixel_vectors(ds)
-        return embed(net, ds, cfg.preprocessing, device, what, progress)
+        return embed(e.model, ds, e.preprocessing, device, what, progress)
 
-    size = cfg.image_size if cfg is not None else None
+    size = e.image_size if e is not None else None
     ds = open_images(source, split, classes, data_root, size, labels)
     x = vectors(ds, source)
     names = ds.class_names
@@ -565,7 +556,7 @@ def evaluate_source(
         clustering=clustering,
         class_names=names,
     )
-    name = str(model_path) if model_path is not None else "raw pixels"
+    name = e.name if e is not None else "raw pixels"
     info = {
         "model": name,
         "source": source,
@@ -596,6 +587,7 @@ def export_model(
     onnx: str | os.PathLike | None = None,
     torchscript: str | os.PathLike | None = None,
     check: bool = True,
+    image_size: int | None = None,
 ) -> list[tuple[str, Path, int, float | None]]:
     """Export a checkpoint's model (ONNX and/or TorchScript) with a ``FILE.json`` card beside
     each; returns ``(format, path, input side, max |difference| from PyTorch or None)``.
@@ -603,8 +595,6 @@ def export_model(
     Raises:
         UserError: nothing to write, or an export that differs from PyTorch beyond tolerance.
     """
-    from retrieval.atomic import file_sha256
-    from retrieval.model.checkpoint import load_model
     from retrieval.model.export import (
         TOLERANCE,
         export_onnx,
@@ -612,13 +602,13 @@ def export_model(
         max_difference,
         model_card,
     )
-    from retrieval.model.spec import ModelConfig
+    from retrieval.model.resolve import resolve_model
 
     if onnx is None and torchscript is None:
         raise UserError("give --onnx FILE.onnx and/or --torchscript FILE.pt")
-    net, state = load_model(checkpoint)
-    size = ModelConfig.from_dict(state["model_config"]).image_size
-    digest = file_sha256(checkpoint)
+    e = resolve_model(checkpoint, image_size)
+    net, size, digest = e.model, e.image_size, e.sha256
+    state = {"model_config": e.config.as_dict()}
     written = []
     if onnx is not None:
         written.append(("onnx", export_onnx(net, size, onnx, model_card(state, digest, "onnx"))))
@@ -765,6 +755,7 @@ def find_duplicates_in(
     metric: str = "cosine",
     device: str = "auto",
     progress: ProgressFactory | None = None,
+    image_size: int | None = None,
 ) -> dict:
     """Groups of near-duplicate images of an index (its images re-embedded: exact vectors for
     every index type) or of a folder; writes ``duplicates.json``, ``duplicates.csv`` and a
@@ -805,15 +796,14 @@ def find_duplicates_in(
         if not target.is_dir():
             raise UserError(f"{target}: no such index or folder of images")
         from data.images import is_image_file
-        from retrieval.model.checkpoint import load_model
         from retrieval.model.embed import pick_device
-        from retrieval.model.spec import ModelConfig
+        from retrieval.model.resolve import resolve_model
 
         refs = sorted(str(f) for f in target.rglob("*") if f.is_file() and is_image_file(f))
         if not refs:
             raise UserError(f"{target}: no image files in this folder")
-        model, state = load_model(model_path)
-        transform = ModelConfig.from_dict(state["model_config"]).preprocessing.transform()
+        e = resolve_model(model_path, image_size)
+        model, transform = e.model, e.transform()
         dev = pick_device(device)
     if threshold is None or not threshold >= 0:
         raise UserError(f"the distance threshold must be a number >= 0, got {threshold}")
@@ -832,3 +822,57 @@ def find_duplicates_in(
         if groups:
             duplicate_groups(report, read_ref, tmp / "duplicate-groups.png")
     return report | {"threshold": threshold}
+
+
+def sync_index(
+    index_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    labels: str = "from-folders",
+    model_path: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: ProgressFactory | None = None,
+) -> tuple[int, int, int]:
+    """Make an index follow a folder: add its images the index lacks, remove the items whose
+    file under the folder is gone (through the journal, under the writer lock). Items from
+    elsewhere are left alone; unreadable images are skipped with one warning.
+
+    Returns:
+        ``(added, removed, total)``.
+    """
+    import numpy as np
+
+    from data.datasets import open_source
+    from retrieval.atomic import real_path
+    from retrieval.index.lock import index_lock
+    from retrieval.model.embed import embed_dataset
+    from retrieval.serving.service import SearchService
+
+    root = real_path(folder)
+    if not root.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    with index_lock(index_dir):
+        service = SearchService(index_dir, model_path, device=device)
+        inside = {}
+        for item in service.index.items.values():
+            if item.ref.startswith("fashion-mnist:"):
+                continue
+            path = real_path(item.ref)
+            if root in path.parents:
+                inside[path] = item.id
+        ds = open_source(str(root), draft_size=service.image_size, labels=labels)
+        on_disk = {real_path(ref): pos for pos, ref in enumerate(ds.refs)}
+        new = sorted(pos for path, pos in on_disk.items() if path not in inside)
+        gone = sorted(item_id for path, item_id in inside.items() if path not in on_disk)
+        if gone:
+            service.remove(gone)
+        if new:
+            part = ds.subset(np.array(new, dtype=np.int64))
+            done = (progress or _no_progress)(f"embedding new images of {folder}", len(part))
+            x = embed_dataset(
+                service.model,
+                part.with_transform(service.transform),
+                device=service.device,
+                on_batch=done,
+            )
+            service.add_vectors(x, part.refs, [part.class_names[y] for y in part.labels])
+    return len(new), len(gone), len(service)

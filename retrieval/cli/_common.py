@@ -16,11 +16,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from retrieval.errors import UserError
 
@@ -38,6 +40,17 @@ err_console = Console(stderr=True)
 
 #: Without a terminal (output to a file or a pipe) a progress line is printed at most this often.
 LINE_INTERVAL_S = 30.0
+#: ``--model`` help of the commands that embed images.
+MODEL_HELP = (
+    "A checkpoint (.pt) from `retrieval train`; or a pretrained backbone by name: "
+    "efficientnet_lite0 (offline, with the [pretrained] extra), resnet18/34/50, "
+    "mobilenet_v3_small/large, efficientnet_b0, convnext_tiny (torchvision's ImageNet weights, "
+    "downloaded once; also NAME:imagenet); or NAME:FILE, torchvision-format weights of NAME."
+)
+#: ``--model`` help of the commands that use an index's model.
+INDEX_MODEL_HELP = "Model (as for `index build`); default: the one the index was built with."
+#: ``--image-size`` help.
+IMAGE_SIZE_HELP = "Input side in pixels; default: the model's own (224 for named models)."
 #: ``--labels`` help, shared by the commands that open a source of images.
 LABELS_HELP = (
     "How images are labelled: from-folders (a folder's first-level sub-folders; images directly "
@@ -106,6 +119,15 @@ class ProgressLines:
         return f"{t['description']}: {count}{info} ({elapsed:,.0f} s{eta})"
 
 
+class RateColumn(ProgressColumn):
+    """Items per second of a task with a total (images embedded), blank otherwise."""
+
+    def render(self, task) -> Text:
+        if task.total is None or not task.speed or task.fields.get("info"):
+            return Text("")
+        return Text(f"{task.speed:,.1f}/s")
+
+
 def progress(transient: bool = False) -> AbstractContextManager:
     """A live bar on a terminal, periodic lines otherwise (:class:`ProgressLines`)."""
     if not err_console.is_terminal:
@@ -115,6 +137,7 @@ def progress(transient: bool = False) -> AbstractContextManager:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli._common import DEVICE_HELP, app, bar_factory, console, err_console, progress
+from retrieval.cli._common import (
+    DEVICE_HELP,
+    IMAGE_SIZE_HELP,
+    INDEX_MODEL_HELP,
+    MODEL_HELP,
+    app,
+    bar_factory,
+    console,
+    err_console,
+    progress,
+)
 
 
 @app.command("calibrate")
@@ -28,10 +38,7 @@ def calibrate_cmd(
     split: Annotated[str | None, typer.Option(help="Split (built-in or CSV split column).")] = None,
     classes: Annotated[str | None, typer.Option(help="Keep these query classes.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder of the built-in dataset.")] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Checkpoint; default: the one the index was built with."),
-    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help=INDEX_MODEL_HELP)] = None,
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="Write a PNG: precision/recall/F1 vs threshold, PR curve."),
@@ -98,11 +105,9 @@ def duplicates_cmd(
         str, typer.Option("--keep", help="largest | first: the file kept in each group.")
     ] = "largest",
     model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model", help="Checkpoint; default for an index: the one it was built with."
-        ),
+        str | None, typer.Option("--model", help=f"{MODEL_HELP} Default for an index: its own.")
     ] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
     metric: Annotated[str, typer.Option(help="For a folder of images: cosine | l2.")] = "cosine",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
@@ -114,7 +119,16 @@ def duplicates_cmd(
 
     with progress(transient=True) as bar:
         report = find_duplicates_in(
-            target, out, threshold, cutpoint, keep, model, metric, device, bar_factory(bar)
+            target,
+            out,
+            threshold,
+            cutpoint,
+            keep,
+            model,
+            metric,
+            device,
+            bar_factory(bar),
+            image_size=image_size,
         )
     console.print(
         f"{len(report['groups'])} groups of near-duplicates (distance <= "

@@ -11,7 +11,9 @@ import typer
 
 from retrieval.cli._common import (
     DEVICE_HELP,
+    IMAGE_SIZE_HELP,
     LABELS_HELP,
+    MODEL_HELP,
     app,
     bar_factory,
     console,
@@ -28,7 +30,8 @@ def evaluate_cmd(
     source: Annotated[
         str, typer.Argument(help="Evaluation images (the queries).")
     ] = "fashion-mnist:test",
-    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint to evaluate.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
     pixels: Annotated[
         bool, typer.Option("--pixels", help="Evaluate raw pixels (a baseline).")
     ] = False,
@@ -126,6 +129,8 @@ def evaluate_cmd(
             data_root,
             device,
             bar_factory(bar),
+            labels=labels,
+            image_size=image_size,
         )
     ev, info = run.evaluation, run.info
     name = info["model"]

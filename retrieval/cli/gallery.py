@@ -10,7 +10,10 @@ from rich.table import Table
 
 from retrieval.cli._common import (
     DEVICE_HELP,
+    IMAGE_SIZE_HELP,
+    INDEX_MODEL_HELP,
     LABELS_HELP,
+    MODEL_HELP,
     app,
     bar_factory,
     console,
@@ -32,14 +35,13 @@ Classes = Annotated[str | None, typer.Option(help="Keep these classes, e.g. 5-9.
 DataRoot = Annotated[Path | None, typer.Option(help="Folder of the built-in dataset.")]
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 Labels = Annotated[str, typer.Option("--labels", help=LABELS_HELP)]
+ImageSize = Annotated[int | None, typer.Option("--image-size", help=IMAGE_SIZE_HELP)]
 
 
 @app.command("embed")
 def embed_cmd(
     source: Annotated[str, typer.Argument(help=SOURCE_HELP)],
-    model: Annotated[
-        Path, typer.Option("--model", help="Checkpoint (.pt) from `retrieval train`.")
-    ],
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
     out: Annotated[
         Path | None, typer.Option("--out", help="Output .npy (ids go to OUT.ids.json).")
     ] = None,
@@ -56,6 +58,7 @@ def embed_cmd(
     data_root: DataRoot = None,
     device: Device = "auto",
     labels: Labels = "from-folders",
+    image_size: ImageSize = None,
 ) -> None:
     """Embed every image of a source into OUT.npy and OUT.ids.json, or a shard per process.
 
@@ -73,11 +76,29 @@ def embed_cmd(
     with progress(transient=True) as bar:
         if shards is not None:
             path = embed_shard_of_source(
-                model, source, shards, split, classes, data_root, device, bar_factory(bar), labels
+                model,
+                source,
+                shards,
+                split,
+                classes,
+                data_root,
+                device,
+                bar_factory(bar),
+                labels=labels,
+                image_size=image_size,
             )
         else:
             npy, ids, shape = embed_to_file(
-                model, source, out, split, classes, data_root, device, bar_factory(bar), labels
+                model,
+                source,
+                out,
+                split,
+                classes,
+                data_root,
+                device,
+                bar_factory(bar),
+                labels=labels,
+                image_size=image_size,
             )
     if shards is not None:
         console.print(
@@ -92,9 +113,7 @@ def index_build(
     source: Annotated[
         str | None, typer.Argument(help=f"Gallery: {SOURCE_HELP} (or give --from-shards).")
     ] = None,
-    model: Annotated[
-        Path, typer.Option("--model", help="Checkpoint (.pt) from `retrieval train`.")
-    ] = ...,
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = ...,
     out: Annotated[Path, typer.Option("--out", help="Index folder to write.")] = ...,
     from_shards: Annotated[
         Path | None,
@@ -140,6 +159,7 @@ def index_build(
     data_root: DataRoot = None,
     device: Device = "auto",
     labels: Labels = "from-folders",
+    image_size: ImageSize = None,
 ) -> None:
     """Embed a gallery and save a FAISS index folder (index, metadata, manifest)."""
     from retrieval.workflows import BuildSpec, build_index
@@ -157,7 +177,8 @@ def index_build(
             data_root,
             device,
             bar_factory(bar),
-            labels,
+            labels=labels,
+            image_size=image_size,
         )
     where = " (inverted lists on disk)" if on_disk else ""
     console.print(
@@ -184,13 +205,7 @@ def index_add(
             "single files).",
         ),
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            help="Checkpoint; default: the one the index was built with (must be the same).",
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help=INDEX_MODEL_HELP)] = None,
     device: Device = "auto",
     labels: Labels = "from-folders",
 ) -> None:
@@ -253,3 +268,21 @@ def index_repair(index_dir: Annotated[Path, typer.Argument(help="Index folder.")
         )
     else:
         console.print(f"{index_dir}: the journal is whole ({kept} changes); nothing to repair")
+
+
+@index_app.command("sync")
+def index_sync(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
+    folder: Annotated[Path, typer.Argument(help="The folder of images the index follows.")],
+    model: Annotated[str | None, typer.Option("--model", help=INDEX_MODEL_HELP)] = None,
+    labels: Labels = "from-folders",
+    device: Device = "auto",
+) -> None:
+    """Add the folder's new images to the index and remove those deleted from it."""
+    from retrieval.workflows import sync_index
+
+    with progress(transient=True) as bar:
+        added, removed, total = sync_index(
+            index_dir, folder, labels, model, device, bar_factory(bar)
+        )
+    console.print(f"{index_dir}: added {added}, removed {removed}; it holds {total}")

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli._common import DEVICE_HELP, app, console, metrics_table, progress
+from retrieval.cli._common import (
+    DEVICE_HELP,
+    IMAGE_SIZE_HELP,
+    MODEL_HELP,
+    app,
+    console,
+    metrics_table,
+    progress,
+)
 
 
 @app.command("demo")
@@ -63,7 +71,7 @@ def demo_cmd(
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.pt) from `retrieval train`.")],
+    checkpoint: Annotated[str, typer.Argument(help=MODEL_HELP)],
     onnx: Annotated[
         Path | None, typer.Option("--onnx", help="Write an ONNX model here (dynamic batch axis).")
     ] = None,
@@ -78,6 +86,7 @@ def export_cmd(
             "needs onnxruntime).",
         ),
     ] = True,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
 ) -> None:
     """Export the embedding model for serving: images (batch, 3, S, S) -> unit vectors.
 
@@ -85,6 +94,8 @@ def export_cmd(
     """
     from retrieval.workflows import export_model
 
-    for fmt, path, size, diff in export_model(checkpoint, onnx, torchscript, check):
+    for fmt, path, size, diff in export_model(
+        checkpoint, onnx, torchscript, check, image_size=image_size
+    ):
         note = f", max |difference| from PyTorch {diff:.1e}" if diff is not None else ""
         console.print(f"wrote {path} ({fmt}, input {size}x{size}{note}) and {path}.json")

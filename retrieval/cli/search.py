@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli._common import DEVICE_HELP, app, console
+from retrieval.cli._common import DEVICE_HELP, INDEX_MODEL_HELP, app, console
 
 IndexDir = Annotated[Path, typer.Argument(help="Index folder from `retrieval index build`.")]
 
@@ -25,10 +25,7 @@ def search_cmd(
         ),
     ],
     k: Annotated[int, typer.Option("--k", help="Neighbours per query (1-1000).")] = 10,
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Checkpoint; default: the one the index was built with."),
-    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help=INDEX_MODEL_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Write a PNG grid of the results.")
@@ -120,10 +117,7 @@ def search_cmd(
 @app.command("serve")
 def serve_cmd(
     index_dir: IndexDir,
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Checkpoint; default: the one the index was built with."),
-    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help=INDEX_MODEL_HELP)] = None,
     host: Annotated[
         str, typer.Option(help="Address to bind; the default serves this machine only.")
     ] = "127.0.0.1",

@@ -62,6 +62,15 @@ def train_cmd(
             "--num-workers and --patience may change).",
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Start from a pretrained backbone by name (efficientnet_lite0, resnet50, ... "
+            "or NAME:FILE): sets --arch, --pretrained, --stem imagenet and --image-size, which "
+            "options given here still override.",
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Train an embedding network (default: triplet loss, semi-hard miner, P x K batches).
@@ -78,6 +87,10 @@ def train_cmd(
             value = key_values(value, f.metadata.get("flag", f.name))
         if value is not None:
             given[f.name] = value
+    if model is not None:
+        from retrieval.model.resolve import training_start
+
+        given = training_start(model, given.get("image_size")).as_dict() | given
     cfg = resolve_config(given, config, str(resume) if resume is not None else None)
     if not rank_from_env().is_main:  # torchrun: rank 0 reports for all
         train(cfg, resume=resume is not None)

@@ -659,8 +659,12 @@ def check_servable(
             model_path = json.loads(manifest.read_text(encoding="utf-8"))["model_path"]
         except (OSError, ValueError, KeyError, TypeError):
             return  # loading gives the full message
+    from retrieval.model.resolve import NATIVE_IMAGE_SIZE
+
+    if str(model_path).partition(":")[0] in NATIVE_IMAGE_SIZE:
+        return  # a named model: resolved when loading
     if not Path(model_path).is_file():
-        raise UserError(f"the model {model_path} is gone; pass --model CHECKPOINT")
+        raise UserError(f"the model {model_path} is gone; pass --model MODEL")
 
 
 def load_service(

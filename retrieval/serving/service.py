@@ -38,7 +38,6 @@ from data.errors import DataError
 from retrieval.errors import UserError
 from retrieval.index.gallery import GalleryIndex, Hit, Item, UnknownIdError, read_manifest
 from retrieval.index.lock import index_lock  # noqa: F401  re-exported: its users import it here
-from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.model.embed import embed_images, pick_device
 
 logger = logging.getLogger(__name__)
@@ -175,20 +174,19 @@ class SearchService:
         mmap: bool = False,
     ):
         self.index_dir = Path(index_dir)
+        from retrieval.model.resolve import resolve_for_index
+
         manifest = read_manifest(self.index_dir)
-        path = Path(model_path) if model_path is not None else Path(manifest.model_path)
-        if model_path is None and not path.is_file():
-            raise UserError(f"the index's model {path} is gone; pass --model CHECKPOINT")
-        self.model, state = load_model(path)
-        self.model_path = path
-        self.transform = preprocessing(state)
-        self.image_size = int(state["model_config"]["image_size"])
+        # the index's model (a checkpoint or a named one) at the size the gallery was embedded
+        embedder = resolve_for_index(manifest.model_path, manifest.preprocessing, model_path)
+        self.embedder = embedder
+        self.model = embedder.model
+        self.model_path = embedder.spec
+        self.transform = embedder.transform()
+        self.image_size = embedder.image_size
         self.device = pick_device(device)
         self.index = GalleryIndex.load(
-            self.index_dir,
-            model_sha256=file_sha256(path),
-            dim=state["model_config"]["embedding_dim"],
-            mmap=mmap,
+            self.index_dir, model_sha256=embedder.sha256, dim=embedder.dim, mmap=mmap
         )
         self._rw = ReadWriteLock()
         self._writer = threading.Lock()

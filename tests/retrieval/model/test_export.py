@@ -122,5 +122,5 @@ def test_export_needs_a_format_and_a_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(
         ["export", tmp_path / "missing.pt", "--onnx", tmp_path / "m.onnx"], capsys
     )
-    assert code == 2 and "no such checkpoint" in err
+    assert code == 2 and "no such model" in err
     assert not (tmp_path / "m.onnx").exists()
