@@ -42,6 +42,7 @@ import numpy as np
 from retrieval.atomic import real_path
 from retrieval.errors import UserError
 from retrieval.index import journal as wal
+from retrieval.index.filters import Where, id_selector, matching_ids
 from retrieval.index.factory import (
     DEFAULT_INDEX_TYPE,
     DEFAULT_MEMORY_BUDGET,
@@ -176,6 +177,7 @@ class GalleryIndex:
         self._pending: list[dict] = []  # journal entries of changes not yet committed
         self._folder: Path | None = None  # the folder this index was loaded from / saved to
         self._journal_bytes = 0  # length of that folder's journal up to its last good line
+        self._columns: tuple[np.ndarray, np.ndarray] | None = None  # see columns()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -183,6 +185,13 @@ class GalleryIndex:
     @property
     def ids(self) -> np.ndarray:
         return np.fromiter(self.items, dtype=np.int64, count=len(self.items))
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, labels)`` of the live items as arrays ``(n,)``, for filters; kept until the
+        items change."""
+        if self._columns is None:
+            self._columns = (self.ids, self.labels)
+        return self._columns
 
     @property
     def refs(self) -> list[str]:
@@ -317,6 +326,7 @@ class GalleryIndex:
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
         (self.index if into is None else into).add_with_ids(xb, ids)
+        self._columns = None
         now = time.time()
         for i, r, y in zip(ids, refs, labels, strict=True):
             self.items[int(i)] = Item(int(i), str(r), int(y), now)
@@ -345,6 +355,7 @@ class GalleryIndex:
                 raise RuntimeError(f"FAISS removed {removed} vectors instead of {len(ids)}")
         for i in ids:
             del self.items[i]
+        self._columns = None
         if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
             1, self.index.ntotal
         ):
@@ -452,14 +463,25 @@ class GalleryIndex:
         k: int = 10,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        where: Where | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` ``(nq, k')`` of the best items per query, ``k' = min(k, len(self))``;
-        ``I`` holds item ids (-1 = none).
+        """``(D, I)`` ``(nq, k')`` of the best items per query, ``k' = min(k, m)`` for the ``m``
+        items searched (all, or those matching ``where``); ``I`` holds item ids (-1 = none).
 
         Args:
             xq: query vectors ``(nq, dim)``; a batch is searched in one call.
             k: results per query.
             nprobe, ef_search: per-query search parameters (:func:`search_parameters`).
+            where: only items matching this filter (:mod:`retrieval.index.filters`, e.g.
+                ``{"label": "Sneaker"}``) are searched: FAISS visits only their ids (an
+                ``IDSelector``). Flat and IVF with ``nprobe = nlist`` then return exactly the
+                brute-force neighbours among them; HNSW explores the whole graph but keeps
+                only them, so a filter matching a small share of the gallery needs a larger
+                ``ef_search`` for the same recall.
+
+        Raises:
+            UserError: bad ``k``, dimension or search parameter; an unknown filter field or
+                label.
         """
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
@@ -470,9 +492,15 @@ class GalleryIndex:
             )
         if self.manifest.metric == "cosine":
             xq = normalize(xq)
-        exclude = np.fromiter(self.tombstones, dtype=np.int64) if self.tombstones else None
-        params = search_parameters(self.index, nprobe, ef_search, exclude)
-        k = min(k, len(self))
+        select, searched = None, len(self)
+        if where:
+            allowed = matching_ids(self, where)  # live items only: tombstones are excluded too
+            select, searched = id_selector(allowed, self.next_id), len(allowed)
+            exclude = None
+        else:
+            exclude = np.fromiter(self.tombstones, dtype=np.int64) if self.tombstones else None
+        params = search_parameters(self.index, nprobe, ef_search, exclude, select)
+        k = min(k, searched)
         if k == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
         with blas_blocks():
