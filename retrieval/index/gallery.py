@@ -42,7 +42,6 @@ import numpy as np
 from retrieval.atomic import real_path
 from retrieval.errors import UserError
 from retrieval.index import journal as wal
-from retrieval.index.filters import Where, id_selector, matching_ids
 from retrieval.index.factory import (
     DEFAULT_INDEX_TYPE,
     DEFAULT_MEMORY_BUDGET,
@@ -56,6 +55,7 @@ from retrieval.index.factory import (
     rebuild_hnsw,
     search_parameters,
 )
+from retrieval.index.filters import Where, id_selector, matching_ids
 from retrieval.index.knn import (
     as_faiss,
     blas_blocks,
