@@ -215,3 +215,33 @@ def test_cli_search_where(built_index, digits_folder, capsys):
     assert sorted(ids) == [130, 131, 250, 251, 252]  # 10 is a digit0: the AND drops it
     code, _, err = run_cli(["search", built_index, query, "--where", "shape=round"], capsys)
     assert code != 0 and "cannot filter on 'shape'" in err and "Traceback" not in err
+
+
+def test_page_label_filter_in_a_browser(trained_run, digits_folder, tmp_path):
+    """The page lists the labels with their counts and searches within the one chosen."""
+    from tests.retrieval.serving import test_browser as tb
+
+    if not tb.CHROMIUM.is_file():
+        pytest.skip("/usr/bin/chromium is missing")
+    gen = tb.server_url.__wrapped__(tmp_path, trained_run, digits_folder)
+    url, service = next(gen)
+    try:
+        with tb.sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                options = page.locator("#label-filter option")
+                tb.sync_api.expect(options).to_have_count(11)
+                assert options.nth(4).text_content() == "digit3 (30)"
+                page.select_option("#label-filter", "digit3")
+                page.set_input_files("#file-input", service.item(5).ref)  # a digit0
+                tb.sync_api.expect(page.locator("#status")).to_contain_text("12 results for")
+                ids = tb._result_ids(page)
+                assert ids == _expected(service, 5, set(range(90, 120)), 12)
+                labels = page.locator("#results .result .label").all_text_contents()
+                assert set(labels) == {"digit3"}
+            finally:
+                browser.close()
+    finally:
+        next(gen, None)
