@@ -100,7 +100,7 @@ def thaw(frozen: tuple | None) -> dict[str, list[str]] | None:
 
 
 def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
-    """Sorted ids ``(m,)`` of the live items of ``index`` that match ``where``.
+    """Ids ``(m,)`` of the live items of ``index`` that match ``where``, in the items' order.
 
     Raises:
         UserError: an unknown field, an unknown label, or an id that is not a whole number.
@@ -119,8 +119,9 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
                 shown = ", ".join(index.class_names[:_SHOWN_LABELS])
                 more = " ..." if len(index.class_names) > _SHOWN_LABELS else ""
                 raise UserError(f"no label {missing[0]!r} in this index; its labels: {shown}{more}")
-            wanted = np.array([numbers[str(v)] for v in values], dtype=np.int64)
-            keep &= np.isin(labels, wanted)
+            wanted = np.zeros(len(index.class_names), dtype=bool)  # a lookup table by label
+            wanted[[numbers[str(v)] for v in values]] = True
+            keep &= wanted[labels]
         elif field == "id":
             try:
                 wanted = np.array([int(str(v)) for v in values], dtype=np.int64)
@@ -131,7 +132,7 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
             wanted_refs = {str(v) for v in values}
             refs = (index.items[int(i)].ref for i in ids)
             keep &= np.fromiter((r in wanted_refs for r in refs), dtype=bool, count=len(ids))
-    return np.sort(ids[keep])
+    return ids[keep]
 
 
 def id_selector(ids: np.ndarray, bound: int) -> faiss.IDSelector:

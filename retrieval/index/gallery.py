@@ -187,8 +187,9 @@ class GalleryIndex:
         return np.fromiter(self.items, dtype=np.int64, count=len(self.items))
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, labels)`` of the live items as arrays ``(n,)``, for filters; kept until the
-        items change."""
+        """``(ids, labels)`` of the live items as arrays ``(n,)``, in the items' order, for
+        filters; made on first use, then kept up to date by :meth:`add_prepared` and
+        :meth:`remove`."""
         if self._columns is None:
             self._columns = (self.ids, self.labels)
         return self._columns
@@ -326,7 +327,11 @@ class GalleryIndex:
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
         (self.index if into is None else into).add_with_ids(xb, ids)
-        self._columns = None
+        if self._columns is not None:
+            self._columns = (
+                np.concatenate([self._columns[0], ids]),
+                np.concatenate([self._columns[1], labels]),
+            )
         now = time.time()
         for i, r, y in zip(ids, refs, labels, strict=True):
             self.items[int(i)] = Item(int(i), str(r), int(y), now)
@@ -355,7 +360,9 @@ class GalleryIndex:
                 raise RuntimeError(f"FAISS removed {removed} vectors instead of {len(ids)}")
         for i in ids:
             del self.items[i]
-        self._columns = None
+        if self._columns is not None:
+            live = ~np.isin(self._columns[0], ids)
+            self._columns = (self._columns[0][live], self._columns[1][live])
         if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
             1, self.index.ntotal
         ):

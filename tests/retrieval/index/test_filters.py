@@ -180,3 +180,24 @@ def test_hnsw_filter_also_excludes_tombstones(data):
     assert index.tombstones == set(removed)
     _, i = index.search(data[2], K, ef_search=512, where={"label": "b"})
     assert not np.isin(i, removed).any() and np.isin(i, np.flatnonzero(labels == 1)).all()
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW16"])
+def test_filter_columns_follow_adds_and_removes(data, index_type):
+    """The label array the filters read is updated in place by changes, not rebuilt: it must
+    stay equal to the items."""
+    index = _build(data, index_type)
+    xb, labels, xq = data
+    index.columns()  # made now, then kept up to date
+    new = index.add(xb[:30], [f"/new/{i}" for i in range(30)], np.full(30, index.label_id("f")))
+    index.remove([3, 4, int(new[0]), int(new[5])])
+    ids, labs = index.columns()
+    assert ids.tolist() == index.ids.tolist() and labs.tolist() == index.labels.tolist()
+    expected = [int(i) for i in new if i not in (new[0], new[5])]
+    assert matching_ids(index, {"label": "f"}).tolist() == expected
+    _, i = index.search(
+        xq, 5, where={"label": "f"}, **({"ef_search": 256} if "HNSW" in index_type else {})
+    )
+    # HNSW may find fewer than k of 28 items out of 2000 (-1 pads): never a wrong one
+    assert np.isin(i[i >= 0], expected).all()
+    assert index_type != "Flat" or (i >= 0).all()
