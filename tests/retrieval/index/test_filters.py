@@ -163,7 +163,7 @@ def test_hnsw_filtered_search_recall_against_brute_force(data):
     xq, labels = data[2], data[1]
     for where, subset in [
         ({"label": "b"}, np.flatnonzero(labels == 1)),  # a fifth of the gallery
-        ({"id": list(range(0, N, 40))}, np.arange(0, N, 40)),  # 2.5 %
+        ({"id": list(range(0, N, 25))}, np.arange(0, N, 25)),  # 4 %: still the graph
     ]:
         _, i = index.search(xq, K, ef_search=512, where=where)
         assert np.isin(i, subset).all()
@@ -201,3 +201,21 @@ def test_filter_columns_follow_adds_and_removes(data, index_type):
     # HNSW may find fewer than k of 28 items out of 2000 (-1 pads): never a wrong one
     assert np.isin(i[i >= 0], expected).all()
     assert index_type != "Flat" or (i >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_hnsw_filter_keeping_few_items_is_searched_exactly(data, metric):
+    """A filter keeping at most HNSW_EXACT_FILTER_FRACTION of the graph scans the matching
+    stored vectors: the brute-force result, ids and scores, even at a small efSearch."""
+    from retrieval.index.gallery import HNSW_EXACT_FILTER_FRACTION
+
+    index = _build(data, "HNSW16", metric)
+    index.remove([0, 100])  # tombstones: in the graph, never returned
+    subset = np.setdiff1d(np.arange(0, N, 100), [0, 100])  # 18 items, 0.9 % of the graph
+    assert len(subset) <= HNSW_EXACT_FILTER_FRACTION * index.index.ntotal
+    d, i = index.search(data[2], K, ef_search=16, where={"id": list(range(0, N, 100))})
+    assert i.tolist() == _exact_on_subset(data, subset, metric).tolist()
+    flat = _build(data, "Flat", metric)
+    flat.remove([0, 100])
+    d_flat, _ = flat.search(data[2], K, where={"id": subset.tolist()})
+    np.testing.assert_allclose(d, d_flat, rtol=1e-5, atol=1e-5)
