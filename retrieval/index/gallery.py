@@ -111,6 +111,12 @@ HNSW_COMPACT_FRACTION = 0.25
 HNSW_EXACT_FILTER_FRACTION = 0.03
 
 
+def _scannable(storage: faiss.Index) -> bool:
+    """Whether an HNSW graph's storage can be searched with an ``IDSelector`` (flat and
+    scalar-quantized vectors can; FAISS refuses search parameters for PQ storage)."""
+    return isinstance(faiss.downcast_index(storage), faiss.IndexFlat | faiss.IndexScalarQuantizer)
+
+
 class UnknownIdError(UserError):
     """An id that is not (or no longer) in the index."""
 
@@ -522,6 +528,7 @@ class GalleryIndex:
             where
             and self.family == "hnsw"
             and searched <= HNSW_EXACT_FILTER_FRACTION * self.index.ntotal
+            and _scannable(inner(self.index).storage)
         ):
             d, i = self._search_hnsw_storage(xq, k, allowed)
             return user_scores(d, self.manifest.metric), i

@@ -219,3 +219,16 @@ def test_hnsw_filter_keeping_few_items_is_searched_exactly(data, metric):
     flat.remove([0, 100])
     d_flat, _ = flat.search(data[2], K, where={"id": subset.tolist()})
     np.testing.assert_allclose(d, d_flat, rtol=1e-5, atol=1e-5)
+
+
+def test_hnsw_exact_filter_path_with_compressed_storage(data):
+    """Scalar-quantized storage is scanned like flat vectors (the same codes as an ``SQ8``
+    index); PQ storage refuses an ``IDSelector``, so a rare filter walks its graph instead."""
+    where = {"id": list(range(0, N, 100))}  # 20 items, 1 %
+    sq_graph = _build(data, "HNSW16_SQ8")
+    d, i = sq_graph.search(data[2], K, ef_search=16, where=where)
+    d_sq, i_sq = _build(data, "SQ8").search(data[2], K, where=where)
+    np.testing.assert_allclose(d, d_sq, rtol=1e-5)
+    assert i.tolist() == i_sq.tolist()
+    _, i = _build(data, "HNSW16_PQ4").search(data[2], K, ef_search=256, where=where)
+    assert np.isin(i[i >= 0], where["id"]).all()
