@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -395,15 +395,20 @@ def search_index(
     ef_search: int | None = None,
     mmap: bool = False,
     device: str = "auto",
+    where: Mapping[str, object] | None = None,
 ) -> tuple[str, list[QueryResult]]:
     """Search an index with query images, in batches; returns the metric and the results per
     query.
+
+    ``where`` restricts the results to the items matching a filter
+    (:mod:`retrieval.index.filters`, e.g. ``{"label": ["Sneaker"]}``), inside the FAISS search.
 
     An image named on its own that cannot be read is an error; unreadable images of a query
     folder are skipped and listed in one warning, as when a gallery folder is indexed.
 
     Raises:
-        UserError: a named image cannot be read, or no query image can.
+        UserError: a named image cannot be read, or no query image can; the filter names an
+            unknown field or label.
     """
     from retrieval.serving.service import SearchService
 
@@ -416,7 +421,12 @@ def search_index(
             read_query(ref)  # raises the reader's clear error
     service = SearchService(index_dir, model_path, device=device, mmap=mmap)
     searched, hits, skipped = service.search_files(
-        [ref for ref, _ in expanded], k, nprobe=nprobe, ef_search=ef_search, read=read_query
+        [ref for ref, _ in expanded],
+        k,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        read=read_query,
+        where=where,
     )
     for ref, reason in skipped:
         if ref in named:

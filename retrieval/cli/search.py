@@ -55,9 +55,18 @@ def search_cmd(
             "--cutpoint", help="With --match: a cut-point name (default best_f1) or a distance."
         ),
     ] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            help="Only results matching FIELD=VALUE[,VALUE...] (fields: label, id, ref), e.g. "
+            "label=Sneaker; repeat to AND conditions.",
+        ),
+    ] = None,
 ) -> None:
     """Find the images of an index most similar to each query image (one batched search)."""
     from retrieval.errors import UserError
+    from retrieval.index.filters import parse_where
     from retrieval.workflows import cutpoint_of, decide, search_index
 
     if not 1 <= k <= 1000:
@@ -65,12 +74,16 @@ def search_cmd(
     if cutpoint is not None and not match:
         raise UserError("--cutpoint goes with --match")
     cut = cutpoint_of(index_dir, cutpoint) if match else None  # before the work
-    metric, results = search_index(index_dir, images, k, model, nprobe, ef_search, mmap, device)
+    filt = parse_where(where or [])
+    metric, results = search_index(
+        index_dir, images, k, model, nprobe, ef_search, mmap, device, where=filt
+    )
     decisions = decide(results, metric, cut) if match else [None] * len(results)
     score_name = "similarity" if metric == "cosine" else "distance"
     if as_json:
         doc = {
             "metric": metric,
+            **({"where": filt} if filt else {}),
             "queries": [
                 {"query": r.query, "results": [vars(h) for h in r.hits]}
                 | ({"decision": d} if match else {})
@@ -85,6 +98,9 @@ def search_cmd(
         for r, decision in zip(results, decisions, strict=True):
             # a Text title: rich would turn ':train:' in fashion-mnist:train:0 into an emoji
             title = Text(f"query: {r.query}")
+            if filt:
+                conditions = (f"{f}={','.join(v)}" for f, v in filt.items())
+                title.append("  where " + " and ".join(conditions))
             if decision is not None:
                 style = "bold red" if decision == "no match" else "bold green"
                 title.append(f"  -> {decision}", style=style)

@@ -311,6 +311,7 @@ def search_parameters(
     nprobe: int | None = None,
     ef_search: int | None = None,
     exclude: np.ndarray | None = None,
+    select: faiss.IDSelector | None = None,
 ) -> faiss.SearchParameters | None:
     """Per-query FAISS search parameters (nothing global is changed: safe across threads).
 
@@ -319,6 +320,8 @@ def search_parameters(
         nprobe: IVF lists visited per query (IVF indexes only), ``1 <= nprobe <= nlist``.
         ef_search: HNSW search depth (HNSW indexes only), ``>= 1``.
         exclude: ids never to return (tombstones).
+        select: only ids this selector accepts are returned (a filter,
+            :func:`retrieval.index.filters.id_selector`); with ``exclude``, both apply.
 
     Raises:
         UserError: a parameter that does not apply to this index type, or out of range.
@@ -328,9 +331,10 @@ def search_parameters(
         raise UserError(f"nprobe applies to IVF indexes; this one is {family}")
     if ef_search is not None and family != "hnsw":
         raise UserError(f"efSearch applies to HNSW indexes; this one is {family}")
-    sel = None
+    sel = select
     if exclude is not None and len(exclude):
-        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64)))
+        sel_not = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64)))
+        sel = sel_not if sel is None else faiss.IDSelectorAnd(sel, sel_not)
     if family == "hnsw":
         if ef_search is not None and ef_search < 1:
             raise UserError(f"efSearch must be at least 1, got {ef_search}")

@@ -55,6 +55,7 @@ from retrieval.index.factory import (
     rebuild_hnsw,
     search_parameters,
 )
+from retrieval.index.filters import Where, id_selector, matching_ids
 from retrieval.index.knn import (
     as_faiss,
     blas_blocks,
@@ -102,6 +103,18 @@ __all__ = [
 
 #: HNSW is rebuilt once removed-but-still-in-the-graph items exceed this fraction of it.
 HNSW_COMPACT_FRACTION = 0.25
+#: A filter keeping at most this fraction of an HNSW graph's vectors is searched exactly, by a
+#: scan of the graph's stored vectors restricted to the matching ones (an ``IDSelector`` on
+#: the storage index), rather than by the graph: a graph walk finds few of so rare nodes
+#: (recall@10 0.50 at efSearch 256 for 1 %, 0.98 for 3 %; docs/search.md) while the restricted
+#: scan is exact and about as fast.
+HNSW_EXACT_FILTER_FRACTION = 0.03
+
+
+def _scannable(storage: faiss.Index) -> bool:
+    """Whether an HNSW graph's storage can be searched with an ``IDSelector`` (flat and
+    scalar-quantized vectors can; FAISS refuses search parameters for PQ storage)."""
+    return isinstance(faiss.downcast_index(storage), faiss.IndexFlat | faiss.IndexScalarQuantizer)
 
 
 class UnknownIdError(UserError):
@@ -176,6 +189,7 @@ class GalleryIndex:
         self._pending: list[dict] = []  # journal entries of changes not yet committed
         self._folder: Path | None = None  # the folder this index was loaded from / saved to
         self._journal_bytes = 0  # length of that folder's journal up to its last good line
+        self._columns: tuple[np.ndarray, np.ndarray] | None = None  # see columns()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -183,6 +197,14 @@ class GalleryIndex:
     @property
     def ids(self) -> np.ndarray:
         return np.fromiter(self.items, dtype=np.int64, count=len(self.items))
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, labels)`` of the live items as arrays ``(n,)``, in the items' order, for
+        filters; made on first use, then kept up to date by :meth:`add_prepared` and
+        :meth:`remove`."""
+        if self._columns is None:
+            self._columns = (self.ids, self.labels)
+        return self._columns
 
     @property
     def refs(self) -> list[str]:
@@ -317,6 +339,11 @@ class GalleryIndex:
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
         (self.index if into is None else into).add_with_ids(xb, ids)
+        if self._columns is not None:
+            self._columns = (
+                np.concatenate([self._columns[0], ids]),
+                np.concatenate([self._columns[1], labels]),
+            )
         now = time.time()
         for i, r, y in zip(ids, refs, labels, strict=True):
             self.items[int(i)] = Item(int(i), str(r), int(y), now)
@@ -345,6 +372,9 @@ class GalleryIndex:
                 raise RuntimeError(f"FAISS removed {removed} vectors instead of {len(ids)}")
         for i in ids:
             del self.items[i]
+        if self._columns is not None:
+            live = ~np.isin(self._columns[0], ids)
+            self._columns = (self._columns[0][live], self._columns[1][live])
         if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
             1, self.index.ntotal
         ):
@@ -452,14 +482,27 @@ class GalleryIndex:
         k: int = 10,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        where: Where | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` ``(nq, k')`` of the best items per query, ``k' = min(k, len(self))``;
-        ``I`` holds item ids (-1 = none).
+        """``(D, I)`` ``(nq, k')`` of the best items per query, ``k' = min(k, m)`` for the ``m``
+        items searched (all, or those matching ``where``); ``I`` holds item ids (-1 = none).
 
         Args:
             xq: query vectors ``(nq, dim)``; a batch is searched in one call.
             k: results per query.
             nprobe, ef_search: per-query search parameters (:func:`search_parameters`).
+            where: only items matching this filter (:mod:`retrieval.index.filters`, e.g.
+                ``{"label": "Sneaker"}``) are searched: FAISS visits only their ids (an
+                ``IDSelector``). Flat and IVF with ``nprobe = nlist`` then return exactly the
+                brute-force neighbours among them; HNSW explores the whole graph but keeps
+                only them, so a filter matching a small share of the gallery needs a larger
+                ``ef_search`` for the same recall — and one matching at most
+                :data:`HNSW_EXACT_FILTER_FRACTION` of the graph is searched exactly instead
+                (:meth:`_search_hnsw_storage`).
+
+        Raises:
+            UserError: bad ``k``, dimension or search parameter; an unknown filter field or
+                label.
         """
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
@@ -470,14 +513,42 @@ class GalleryIndex:
             )
         if self.manifest.metric == "cosine":
             xq = normalize(xq)
-        exclude = np.fromiter(self.tombstones, dtype=np.int64) if self.tombstones else None
-        params = search_parameters(self.index, nprobe, ef_search, exclude)
-        k = min(k, len(self))
+        select, searched = None, len(self)
+        if where:
+            allowed = matching_ids(self, where)  # live items only: tombstones are excluded too
+            select, searched = id_selector(allowed, self.next_id), len(allowed)
+            exclude = None
+        else:
+            exclude = np.fromiter(self.tombstones, dtype=np.int64) if self.tombstones else None
+        params = search_parameters(self.index, nprobe, ef_search, exclude, select)
+        k = min(k, searched)
         if k == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        if (
+            where
+            and self.family == "hnsw"
+            and searched <= HNSW_EXACT_FILTER_FRACTION * self.index.ntotal
+            and _scannable(inner(self.index).storage)
+        ):
+            d, i = self._search_hnsw_storage(xq, k, allowed)
+            return user_scores(d, self.manifest.metric), i
         with blas_blocks():
             d, i = faiss_search(self.index, xq, k, params)
         return user_scores(d, self.manifest.metric), i
+
+    def _search_hnsw_storage(
+        self, xq: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of the HNSW graph's stored vectors (FAISS distances, our ids),
+        restricted to the ids ``allowed`` by an ``IDSelector`` on their positions."""
+        positions_to_ids = faiss.vector_to_array(faiss.downcast_index(self.index).id_map)
+        wanted = np.zeros(self.next_id, dtype=bool)
+        wanted[allowed] = True
+        positions = np.flatnonzero(wanted[positions_to_ids])
+        storage = faiss.downcast_index(inner(self.index).storage)
+        params = faiss.SearchParameters(sel=id_selector(positions, len(positions_to_ids)))
+        d, pos = faiss_search(storage, xq, k, params)
+        return d, np.where(pos >= 0, positions_to_ids[np.maximum(pos, 0)], -1)
 
     def hits(self, d_row: np.ndarray, i_row: np.ndarray) -> list[Hit]:
         """Turn one row of :meth:`search` output into :class:`Hit` records (ranks from 1)."""

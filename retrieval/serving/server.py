@@ -5,9 +5,11 @@ it works offline; schema at ``/openapi.json``):
 
 - ``GET /``: the search page (``retrieval/serving/web/index.html``);
 - ``POST /search``: multipart ``file`` (an image) *or* ``id`` (an indexed item: "more like
-  this"), ``k`` (1 .. :data:`MAX_K`), optional ``nprobe`` / ``ef_search``; ranked results;
+  this"), ``k`` (1 .. :data:`MAX_K`), optional ``nprobe`` / ``ef_search``, optional ``where``
+  (a filter, see below); ranked results;
 - ``POST /search/batch``: several ``files`` with the same parameters; one answer per file, an
   unreadable file failing alone;
+- ``GET /labels``: the labels of the live items, with their counts (the page's filter);
 - ``GET /images/{id}``: the indexed image as PNG, ``?size=N`` for a thumbnail (cached). Images
   are looked up by id only: no path from the request ever reaches the file system;
 - ``POST /images``: multipart ``file`` and optional ``label``: add an image (stored in the
@@ -16,9 +18,14 @@ it works offline; schema at ``/openapi.json``):
 - ``GET /health`` (503 ``{"status": "loading"}`` until the index and model are loaded),
   ``GET /stats``.
 
+A ``where`` form field restricts a search to the items it matches (:mod:`retrieval.index.filters`,
+filtered inside FAISS): ``FIELD=VALUE`` or ``FIELD=V1,V2`` (``label=Sneaker``), or a JSON object
+(``{"label": ["Sneaker", "Sandal"]}``); the field repeated ANDs its conditions. The answer
+echoes the filter it applied under ``where``; an unknown field or label is a 400.
+
 Searches are micro-batched (:mod:`retrieval.serving.batching`): the requests that arrive within
 ``max_wait_ms`` of each other (up to ``max_batch``) share one forward pass and one FAISS call per
-distinct ``(k, nprobe, ef_search)``; each gets the results it would get alone. Uploads are
+distinct ``(k, nprobe, ef_search, where)``; each gets the results it would get alone. Uploads are
 decoded in the request threads, at most ``max_decodes`` at once (each decode of a large image
 can take hundreds of MB). Answers carry ``Server-Timing`` (decode, queue, embed, search, total).
 
@@ -393,10 +400,22 @@ def create_app(
             )
             return service.prepare(image)
 
-    def results_body(service: SearchService, hits, query: dict, t0: float) -> dict:
+    def parse_filter(where: list[str] | None, service: SearchService) -> tuple[dict, tuple | None]:
+        """The ``where`` form fields as a filter and its hashable form; 400 when malformed or
+        naming an unknown field or label (before any image is decoded)."""
+        from retrieval.index.filters import freeze, parse_where
+
+        filt = parse_where(where or [])
+        service.check_where(filt)
+        return filt, freeze(filt)
+
+    def results_body(
+        service: SearchService, hits, query: dict, t0: float, where: dict | None = None
+    ) -> dict:
         metric = service.index.manifest.metric
         return {
             "query": query,
+            **({"where": where} if where else {}),
             "metric": metric,
             "score": "similarity" if metric == "cosine" else "distance",
             "results": [_hit_json(h) for h in hits],
@@ -453,6 +472,13 @@ def create_app(
             },
         }
 
+    @app.get("/labels")
+    def labels() -> dict:
+        """The labels of the indexed images and how many images carry each (labels with no
+        image left out): the values of a ``where`` filter on ``label``."""
+        counts = engine.service.label_counts()
+        return {"labels": [{"name": name, "count": n} for name, n in counts.items()]}
+
     @app.post("/search")
     def search(
         file: Annotated[UploadFile | None, File(description="Query image.")] = None,
@@ -460,6 +486,13 @@ def create_app(
         k: Annotated[int, Form(ge=1, le=MAX_K, description="Results wanted.")] = DEFAULT_K,
         nprobe: Annotated[int | None, Form(ge=1, description="IVF lists to visit.")] = None,
         ef_search: Annotated[int | None, Form(ge=1, le=65536, description="HNSW depth.")] = None,
+        where: Annotated[
+            list[str] | None,
+            Form(
+                description="Only items matching this filter: FIELD=VALUE[,VALUE...] (fields: "
+                "label, id, ref) or a JSON object of fields to values; repeated = AND."
+            ),
+        ] = None,
     ) -> JSONResponse:
         """Rank the indexed images by similarity to an uploaded image or an indexed one."""
         from retrieval.serving.service import Query as SearchQuery
@@ -468,6 +501,7 @@ def create_app(
         service = engine.service
         if (file is None) == (id is None):
             raise HTTPException(400, "send either an image file or the id of an indexed image")
+        filt, frozen = parse_filter(where, service)
         with engine.arriving():
             if file is not None:
                 image = prepared_upload(file, service)
@@ -477,12 +511,12 @@ def create_app(
                     image = service.prepare(service.image(id))
                 query = {"id": id}
             t_decoded = time.perf_counter()
-            futures = engine.submit([SearchQuery(image, k, nprobe, ef_search)])
+            futures = engine.submit([SearchQuery(image, k, nprobe, ef_search, frozen)])
         (answer,) = engine.results(futures)
         if isinstance(answer, BaseException):
             raise answer
         count("searches")
-        body = results_body(service, answer.hits, query, t0)
+        body = results_body(service, answer.hits, query, t0, filt)
         waited = time.perf_counter() - t_decoded - answer.embed_s - answer.search_s
         timing = server_timing(
             decode=t_decoded - t0,
@@ -504,6 +538,13 @@ def create_app(
         k: Annotated[int, Form(ge=1, le=MAX_K, description="Results wanted.")] = DEFAULT_K,
         nprobe: Annotated[int | None, Form(ge=1, description="IVF lists to visit.")] = None,
         ef_search: Annotated[int | None, Form(ge=1, le=65536, description="HNSW depth.")] = None,
+        where: Annotated[
+            list[str] | None,
+            Form(
+                description="Only items matching this filter: FIELD=VALUE[,VALUE...] (fields: "
+                "label, id, ref) or a JSON object of fields to values; repeated = AND."
+            ),
+        ] = None,
     ) -> JSONResponse:
         """Search with several images at once (the same parameters for all): one answer per
         file, in order; a file that cannot be read gets an ``error`` instead of results."""
@@ -513,12 +554,14 @@ def create_app(
         service = engine.service
         if len(files) > MAX_BATCH_FILES:
             raise HTTPException(400, f"send at most {MAX_BATCH_FILES} files per batch")
+        filt, frozen = parse_filter(where, service)
         answers: list = [None] * len(files)
         futures, positions = [], []
         with engine.arriving():
             for pos, f in enumerate(files):
                 try:
-                    query = SearchQuery(prepared_upload(f, service), k, nprobe, ef_search)
+                    image = prepared_upload(f, service)
+                    query = SearchQuery(image, k, nprobe, ef_search, frozen)
                 except DataError as exc:
                     answers[pos] = exc
                     continue
@@ -549,6 +592,7 @@ def create_app(
             {
                 "metric": metric,
                 "score": "similarity" if metric == "cosine" else "distance",
+                **({"where": filt} if filt else {}),
                 "queries": out,
                 "took_ms": _ms(time.perf_counter() - t0),
             },

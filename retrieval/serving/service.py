@@ -36,6 +36,7 @@ from data import images
 from data.datasets import BUILTIN, read_ref
 from data.errors import DataError
 from retrieval.errors import UserError
+from retrieval.index.filters import Where, matching_ids, thaw
 from retrieval.index.gallery import GalleryIndex, Hit, Item, UnknownIdError, read_manifest
 from retrieval.index.lock import index_lock  # noqa: F401  re-exported: its users import it here
 from retrieval.model.embed import embed_images, pick_device
@@ -59,6 +60,8 @@ class Query:
     k: int
     nprobe: int | None = None
     ef_search: int | None = None
+    #: a filter (:mod:`retrieval.index.filters`) in the hashable form of ``freeze``
+    where: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,17 @@ class SearchService:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def search_vectors(
-        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        where: Where | None = None,
     ) -> list[list[Hit]]:
-        """Hits per query vector (one batched FAISS search)."""
+        """Hits per query vector (one batched FAISS search); ``where``: only items matching
+        this filter (:meth:`GalleryIndex.search`)."""
         with self._rw.read():
-            d, i = self.index.search(xq, k, nprobe=nprobe, ef_search=ef_search)
+            d, i = self.index.search(xq, k, nprobe=nprobe, ef_search=ef_search, where=where)
             return [self.index.hits(d[q], i[q]) for q in range(len(xq))]
 
     def search(
@@ -223,9 +232,10 @@ class SearchService:
         k: int,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        where: Where | None = None,
     ) -> list[list[Hit]]:
         """Hits per query image."""
-        return self.search_vectors(self.embed(images), k, nprobe, ef_search)
+        return self.search_vectors(self.embed(images), k, nprobe, ef_search, where)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """The model's preprocessing of one uint8 ``(3, H, W)`` image: float ``(3, S, S)``."""
@@ -233,7 +243,7 @@ class SearchService:
 
     def search_batch(self, queries: Sequence[Query]) -> list[Answer | UserError]:
         """Serve many searches with one forward pass and one FAISS call per distinct
-        ``(k, nprobe, ef_search)``.
+        ``(k, nprobe, ef_search, where)``.
 
         Each query gets the hits :meth:`search` gives it alone: queries are grouped by their
         exact parameters rather than searched at the largest ``k`` and cut, because an HNSW
@@ -250,12 +260,12 @@ class SearchService:
         embed_s = time.perf_counter() - t0
         groups: dict[tuple, list[int]] = {}
         for pos, q in enumerate(queries):
-            groups.setdefault((q.k, q.nprobe, q.ef_search), []).append(pos)
+            groups.setdefault((q.k, q.nprobe, q.ef_search, q.where), []).append(pos)
         out: list[Answer | UserError] = [None] * len(queries)  # type: ignore[list-item]
-        for (k, nprobe, ef_search), positions in groups.items():
+        for (k, nprobe, ef_search, where), positions in groups.items():
             t1 = time.perf_counter()
             try:
-                hits = self.search_vectors(xq[positions], k, nprobe, ef_search)
+                hits = self.search_vectors(xq[positions], k, nprobe, ef_search, thaw(where))
             except UserError as exc:
                 for pos in positions:
                     out[pos] = exc
@@ -288,6 +298,7 @@ class SearchService:
         nprobe: int | None = None,
         ef_search: int | None = None,
         read: Callable[[str], torch.Tensor] | None = None,
+        where: Where | None = None,
     ) -> tuple[list[str], list[list[Hit]], list[tuple[str, str]]]:
         """Search with many query files (a folder's): decoded by :data:`DECODE_THREADS`
         threads, embedded :data:`EMBED_BATCH` at a time, searched in one FAISS call per batch.
@@ -295,7 +306,7 @@ class SearchService:
 
         Args:
             paths: query files (or references ``read`` understands).
-            k, nprobe, ef_search: as for :meth:`search`.
+            k, nprobe, ef_search, where: as for :meth:`search`.
             read: reads one query as a uint8 ``(3, H, W)`` tensor; default: an image file,
                 JPEGs decoded at a reduced scale (as when the index was built).
 
@@ -303,6 +314,7 @@ class SearchService:
             ``(searched, hits, skipped)``: the paths searched, their hits in the same order,
             and ``(path, reason)`` for each file skipped.
         """
+        self.check_where(where)  # an unknown field or label fails before any image is read
         if read is None:
 
             def read(path: str) -> torch.Tensor:
@@ -331,7 +343,8 @@ class SearchService:
                     continue
                 xq = embed_images(self.model, torch.stack(x), self.device)
                 searched += good
-                hits += self.search_vectors(xq.astype(np.float32, copy=False), k, nprobe, ef_search)
+                xq = xq.astype(np.float32, copy=False)
+                hits += self.search_vectors(xq, k, nprobe, ef_search, where)
         if skipped:
             logger.warning(
                 "skipped %d unreadable query file(s): %s",
@@ -367,6 +380,22 @@ class SearchService:
         if ref.startswith(BUILTIN + ":"):
             return Image.fromarray(read_ref(ref).permute(1, 2, 0).numpy())
         return images.open_image(ref, draft_size)
+
+    def check_where(self, where: Where | None) -> None:
+        """Raise the error a search with this filter would (unknown field or label)."""
+        if where:
+            with self._rw.read():
+                matching_ids(self.index, where)
+
+    def label_counts(self) -> dict[str, int]:
+        """How many live items carry each label, by class name (labels without items left
+        out)."""
+        with self._rw.read():
+            labels = self.index.columns()[1]
+            counts = np.bincount(labels, minlength=len(self.index.class_names))
+            return {
+                name: int(n) for name, n in zip(self.index.class_names, counts, strict=False) if n
+            }
 
     def stats(self) -> dict:
         with self._rw.read():
