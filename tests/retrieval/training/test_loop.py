@@ -251,12 +251,10 @@ def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monk
 
 
 def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch, caplog):
-    import retrieval.training.loop as train_module
+    from retrieval.training.distributed import Processes
 
     monkeypatch.setattr(
-        train_module,
-        "embed_sharded",
-        lambda model, ds, *a, **k: np.ones((len(ds), 8), dtype=np.float32),
+        Processes, "embed", lambda self, model, ds: np.ones((len(ds), 8), dtype=np.float32)
     )
     with caplog.at_level("WARNING", logger="retrieval.training.loop"):
         train(_cfg(digits_folder, tmp_path / "run"))
