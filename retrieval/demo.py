@@ -26,7 +26,7 @@ from data.fashion_mnist import CLASS_NAMES
 from retrieval.atomic import write_json, write_text
 from retrieval.evaluation.evaluate import evaluate_embeddings, pixel_vectors
 from retrieval.evaluation.metrics import DEFAULT_KS
-from retrieval.evaluation.plots import Tile, neighbour_grid, training_curves
+from retrieval.evaluation.plots import Tile, neighbour_grid
 from retrieval.index.gallery import GalleryIndex
 from retrieval.model.checkpoint import file_sha256, load_model, preprocessing
 from retrieval.model.embed import embed_dataset, pick_device
@@ -78,9 +78,7 @@ def run_demo(
     table["untrained network"] = evaluate_embeddings(emb, test.labels, DEFAULT_KS)
 
     stage(f"training on seen classes 0-4 for {epochs} epochs")
-    records: list[dict] = []
-    summary = train(cfg, on_step=on_step, on_epoch=records.append)
-    training_curves(records, out / "run" / "curves.png")
+    summary = train(cfg, on_step=on_step)  # also draws run/curves.png
 
     stage("trained network on unseen classes 5-9")
     ckpt = Path(summary["best_checkpoint"])

@@ -1,8 +1,11 @@
 """Training throughput: ``retrieval.training.loop`` against a plain pytorch-metric-learning loop.
 
 Both train the same model (the small convnet) with the same loss (triplet, margin 0.2), miner
-(semi-hard), optimizer (Adam) and P x K batches on the same images, one after the other in one
-process; prints images/s of each and the ratio (target >= 0.95).
+(semi-hard), optimizer (Adam) and P x K batches on the same number of images, in one process;
+each phase times its last epoch (the first warms up). The phases run interleaved A B B A
+(``--repeats 2``; A B B A A B B A with 4...), so a load that rises or falls steadily on a shared
+machine weighs on both alike; prints images/s of every phase, the load average around it, and
+the ratio of the medians, ``retrieval train`` / plain loop (target >= 0.95).
 
     python scripts/bench_train.py --data-root /usr/share/datasets/fashion-mnist --images 6400
 """
@@ -10,6 +13,8 @@ process; prints images/s of each and the ratio (target >= 0.95).
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 
@@ -33,6 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--m-per-class", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2, help="the first is a warm-up, not timed")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="phases of each loop, interleaved A B B A ..."
+    )
     return p
 
 
@@ -106,11 +114,34 @@ def framework(args: argparse.Namespace) -> float:
         return records[-1]["images_per_s"]
 
 
+def phase_order(repeats: int) -> list[str]:
+    """``plain`` and ``ours`` interleaved A B B A A B B A ...: a linear drift of the machine's
+    speed cancels out of every A B B A block.
+
+    Example:
+        >>> phase_order(3)
+        ['plain', 'ours', 'ours', 'plain', 'plain', 'ours']
+    """
+    block = ["plain", "ours", "ours", "plain"]
+    return [block[i % 4] for i in range(2 * repeats)]
+
+
 def main(args: argparse.Namespace) -> None:
-    plain = plain_loop(args)
-    ours = framework(args)
-    print(f"plain PML loop:   {plain:8.1f} images/s")
-    print(f"retrieval train:  {ours:8.1f} images/s")
+    phases = {"plain": plain_loop, "ours": framework}
+    rates: dict[str, list[float]] = {"plain": [], "ours": []}
+    for name in phase_order(args.repeats):
+        load = os.getloadavg()[0]
+        rate = phases[name](args)
+        rates[name].append(rate)
+        label = "plain PML loop" if name == "plain" else "retrieval train"
+        print(
+            f"{label + ':':17s} {rate:8.1f} images/s  (load average {load:.1f} -> "
+            f"{os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+    plain, ours = statistics.median(rates["plain"]), statistics.median(rates["ours"])
+    print(f"median plain:     {plain:8.1f} images/s")
+    print(f"median ours:      {ours:8.1f} images/s")
     print(f"ratio:            {ours / plain:8.3f}  (target >= 0.95)")
 
 

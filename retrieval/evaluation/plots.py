@@ -1,4 +1,7 @@
-"""Pictures: a grid of queries with their nearest neighbours, and training curves."""
+"""Pictures: a grid of queries with their nearest neighbours.
+
+Training curves are drawn by :mod:`retrieval.training.curves`.
+"""
 
 from __future__ import annotations
 
@@ -58,26 +61,6 @@ def neighbour_grid(rows: Sequence[tuple[Tile, Sequence[Tile]]], out: str | os.Pa
                 _show(axes[r][c], neighbours[c - 1])
             else:
                 axes[r][c].axis("off")
-    fig.tight_layout()
-    _save(fig, out)
-
-
-def training_curves(records: Sequence[dict], out: str | os.PathLike) -> None:
-    """Loss and validation metrics per epoch, side by side."""
-    epochs = [r["epoch"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
-    ax1.plot(epochs, [r["loss"] for r in records], marker="o")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    for key in ("val_recall@1", "val_map@r"):
-        if all(key in r for r in records):
-            ax2.plot(epochs, [r[key] for r in records], marker="o", label=key[4:])
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation (seen classes)")
-    if ax2.get_lines():
-        ax2.legend()
-    else:  # trained without a validation split
-        ax2.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax2.transAxes)
     fig.tight_layout()
     _save(fig, out)
 

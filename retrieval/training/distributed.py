@@ -15,7 +15,10 @@ the pieces metric learning adds around it:
   so miners and losses see the whole global batch (a triplet's negative may live on another
   rank);
 - :func:`sync_loss_gradients`: the gradient correction for loss parameters (below);
-- :func:`embed_sharded`: validation embeddings, each rank embedding a share, gathered on rank 0.
+- :func:`embed_sharded`: validation embeddings, each rank embedding a share, gathered on rank 0;
+- :class:`Processes`: all of the above behind one small object that the training loop holds
+  (rank, world size, ``is_main``, broadcast, gather...); on one process every method returns at
+  once without touching ``torch.distributed``, so a single-process run reads as a plain loop.
 
 ``batch_size`` is the *global* batch: a configuration trains the same way on 1 or N processes
 (each loads ``batch_size / N`` images per step).
@@ -305,7 +308,10 @@ def shared_randomness(seed: int, device: torch.device) -> Iterator[None]:
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        if device.type == "cpu":  # the CPU generator alone: torch.manual_seed would also queue
+            torch.random.default_generator.manual_seed(seed)  # a CUDA seeding (a stack trace)
+        else:
+            torch.manual_seed(seed)
         yield
 
 
@@ -329,3 +335,93 @@ def embed_sharded(
     if parts is None:
         return None
     return np.concatenate([p for p in parts if len(p)])  # an empty share has no width
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes of one run as the training loop sees them: where this one stands, and the
+    collectives it takes part in. On one process every method is the identity (no
+    ``torch.distributed`` call); under a process group it calls the functions above.
+
+    Args:
+        rank: this process's place.
+        device: this process's device.
+
+    Example:
+        >>> alone = Processes()
+        >>> alone.is_main, alone.broadcast("x"), alone.gather_objects(1)
+        (True, 'x', [1])
+    """
+
+    rank: Rank = Rank()
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def current(cls, device: torch.device) -> Processes:
+        """The processes of the current process group (this one alone without a group)."""
+        if not _active():
+            return cls(Rank(), device)
+        return cls(Rank(dist.get_rank(), dist.get_world_size()), device)
+
+    @property
+    def world_size(self) -> int:
+        return self.rank.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and reports progress."""
+        return self.rank.is_main
+
+    @property
+    def several(self) -> bool:
+        """More than one process: the collectives below communicate."""
+        return self.rank.world_size > 1
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        return broadcast(obj) if self.several else obj
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        return gather_objects(obj) if self.several else [obj]
+
+    def gather_batch(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch (:func:`gather_batch`)."""
+        return gather_batch(embeddings, labels) if self.several else (embeddings, labels)
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers in ``module`` on every rank."""
+        if self.several:
+            broadcast_module(module)
+
+    def sync_loss_gradients(self, module: nn.Module) -> None:
+        """The loss parameters' gradients of the global loss (:func:`sync_loss_gradients`)."""
+        if self.several:
+            sync_loss_gradients(module)
+
+    def shard_batches(self, sampler: Sized, batch_size: int) -> Sized:
+        """What this rank loads of ``sampler``'s global batches (:class:`ShardedBatchSampler`);
+        alone, ``sampler`` itself."""
+        return ShardedBatchSampler(sampler, batch_size, self.rank) if self.several else sampler
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` under DistributedDataParallel (gradients averaged over the ranks)."""
+        if not self.several:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def embed(self, model: nn.Module, dataset: Any) -> np.ndarray | None:
+        """Embeddings of ``dataset`` on rank 0, None on the others (:func:`embed_sharded`)."""
+        if not self.several:
+            return embed_dataset(model, dataset, device=self.device)
+        return embed_sharded(model, dataset, self.device, self.rank)
+
+
+@contextlib.contextmanager
+def join(rank: Rank, device: torch.device) -> Iterator[Processes]:
+    """This process's :class:`Processes` on ``device`` (its own GPU under ``torchrun``), inside
+    the process group for the duration (:func:`process_group`)."""
+    device = rank_device(device, rank)
+    with process_group(rank, backend_for(device)):
+        yield Processes(rank, device)

@@ -1,5 +1,11 @@
 """Training an embedding network with a metric-learning loss on m-per-class batches.
 
+Read top to bottom as torchvision's ``references/classification/train.py``: :func:`train`
+composes; :func:`prepare_data`, :func:`build_network`, :func:`build_objective_for` and
+:func:`build_optimiser` set the run up; :func:`train_one_epoch` runs the optimisation steps of an
+epoch, :func:`evaluate` scores the validation split; :func:`restore` and :func:`save_epoch`
+are the resume and checkpoint halves of the run folder.
+
 The run folder holds ``config.yaml`` (the resolved configuration), ``metrics.jsonl`` (one line
 per epoch), ``curves.png`` (loss and validation curves), ``last.pt`` (every epoch: model,
 optimizer, scheduler, loss parameters, AMP scaler, RNG and sampler state, epoch, best score) and
@@ -14,30 +20,32 @@ The loss and its miner come from :mod:`retrieval.training.objectives`; the backb
 :mod:`retrieval.model.pretrained`; the learning rate follows :mod:`retrieval.training.schedule`.
 
 Under ``torchrun --nproc_per_node N -m retrieval train ...`` the N processes train one model
-together (:mod:`retrieval.training.distributed`): ``batch_size`` stays the global batch,
-miners and losses see all of it, and only rank 0 writes the run folder.
+together: ``batch_size`` stays the global batch, miners and losses see all of it, and only rank
+0 writes the run folder. Every collective goes through one
+:class:`~retrieval.training.distributed.Processes` object, whose methods return at once on a
+single process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from pytorch_metric_learning.samplers import MPerClassSampler
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data.datasets import ImageDataset, open_source, parse_classes
@@ -45,31 +53,38 @@ from data.transforms import eval_transform, train_transform
 from retrieval.atomic import write_text
 from retrieval.errors import UserError
 from retrieval.evaluation.evaluate import evaluate_embeddings
-from retrieval.evaluation.plots import training_curves
 from retrieval.model.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.model.embed import pick_device
-from retrieval.model.networks import build_model
+from retrieval.model.networks import EmbeddingNet, build_model
 from retrieval.model.pretrained import input_norm, load_pretrained
+from retrieval.model.spec import ModelConfig
 from retrieval.training import rng as rng_state
 from retrieval.training.config import RESUME_OVERRIDABLE, TrainConfig
+from retrieval.training.curves import training_curves
 from retrieval.training.distributed import (
     HeadEmbedding,
-    Rank,
-    ShardedBatchSampler,
-    backend_for,
-    broadcast,
-    broadcast_module,
-    embed_sharded,
-    gather_batch,
-    gather_objects,
-    process_group,
-    rank_device,
+    Processes,
+    join,
     rank_from_env,
     shared_randomness,
-    sync_loss_gradients,
 )
-from retrieval.training.objectives import build_objective, pair_cosine
+from retrieval.training.objectives import Objective, build_objective, pair_cosine
 from retrieval.training.schedule import lr_factor
+
+__all__ = [
+    "RESUME_OVERRIDABLE",
+    "StepInfo",
+    "TrainConfig",
+    "backward_step",
+    "channel_stats",
+    "evaluate",
+    "load_run_config",
+    "load_training_data",
+    "seed_everything",
+    "split_train_val",
+    "train",
+    "train_one_epoch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,94 +108,7 @@ ProgressFn = Callable[[StepInfo], None]
 EpochFn = Callable[[dict], None]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def channel_stats(
-    dataset: ImageDataset, max_images: int = 2000, seed: int = 0
-) -> tuple[list, list]:
-    """Per-channel mean and std of the raw pixels (scaled to [0, 1]) on a sample of images."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(dataset), size=min(max_images, len(dataset)), replace=False)
-    sums, sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
-    for i in pick:
-        img = dataset.image(int(i)).double() / 255.0
-        sums += img.sum(dim=(1, 2))
-        sq += (img**2).sum(dim=(1, 2))
-        count += img.shape[1] * img.shape[2]
-    mean = sums / count
-    std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
-
-
-def split_train_val(
-    dataset: ImageDataset, fraction: float, seed: int
-) -> tuple[ImageDataset, ImageDataset | None]:
-    """Stratified hold-out of ``fraction`` of the images of every class."""
-    if fraction == 0:
-        return dataset, None
-    labels = dataset.labels
-    counts = np.bincount(labels)
-    if counts[counts > 0].min() < 2:
-        raise UserError("every class needs at least two images to hold some out for validation")
-    pos = np.arange(len(dataset))
-    tr, va = train_test_split(pos, test_size=fraction, stratify=labels, random_state=seed)
-    return dataset.subset(np.sort(tr)), dataset.subset(np.sort(va))
-
-
-def load_training_data(cfg: TrainConfig) -> ImageDataset:
-    """The seen-class training images named by the configuration."""
-    split = cfg.split if cfg.split is not None else None
-    dataset = open_source(cfg.data, split=split, root=cfg.data_root, draft_size=cfg.image_size)
-    dataset = dataset.filter_classes(parse_classes(cfg.training_classes()))
-    n_classes = len(np.unique(dataset.labels))
-    if n_classes < 2:
-        raise UserError(f"training needs at least two classes, the data has {n_classes}")
-    return dataset
-
-
-def _sampler_state(sampler: MPerClassSampler) -> list[int]:
-    """The sampler's class order (PML shuffles it in place, drawing from NumPy's global RNG)."""
-    return [int(c) for c in sampler.labels]
-
-
-def _restore_sampler(sampler: MPerClassSampler, order: list[int]) -> None:
-    by_int = {int(c): c for c in sampler.labels}
-    if sorted(by_int) != sorted(order):
-        raise UserError("the checkpoint's sampler does not match the training classes")
-    sampler.labels = [by_int[c] for c in order]
-
-
-def _resume_state(run: Path, cfg: TrainConfig) -> dict:
-    """The training state of ``run/last.pt``, checked against ``cfg``."""
-    state = load_checkpoint(run / "last.pt")
-    if "optimizer" not in state or "train_config" not in state:
-        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
-    saved = dict(state["train_config"])
-    current = asdict(cfg)
-    changed = sorted(
-        k for k in current if k not in RESUME_OVERRIDABLE + ("out",) and saved.get(k) != current[k]
-    )
-    if changed:
-        raise UserError(
-            f"cannot resume {run} with a different {', '.join(changed)} "
-            f"(only {', '.join(RESUME_OVERRIDABLE)} may change)"
-        )
-    return state
-
-
-def load_run_config(run: str | Path) -> TrainConfig:
-    """The configuration a run was started with (from its ``last.pt``), for ``--resume``."""
-    run = Path(run)
-    if not (run / "last.pt").is_file():
-        raise UserError(f"{run} has no last.pt checkpoint to resume from")
-    state = load_checkpoint(run / "last.pt")
-    if "train_config" not in state:
-        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
-    return TrainConfig.from_dict(dict(state["train_config"]) | {"out": str(run)})
+# ----------------------------------------------------------------------------------- entry
 
 
 def train(
@@ -214,26 +142,162 @@ def train(
             f"batch_size ({cfg.batch_size}) is the global batch and must split evenly over the "
             f"{rank.world_size} processes"
         )
-    device = rank_device(pick_device(cfg.device), rank)
-    with process_group(rank, backend_for(device)):
-        return _train(cfg, rank, device, on_step, on_epoch, resume)
+    with join(rank, pick_device(cfg.device)) as procs:
+        run = Path(cfg.out)
+        saved = _resume_state(run, cfg) if resume else None
+        seed_everything(cfg.seed + rank.rank)  # the ranks augment differently; DDP syncs the model
+        if procs.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+
+        data = prepare_data(cfg, procs)
+        net, model_config = build_network(cfg, data, procs, pretrained=saved is None)
+        objective = build_objective_for(cfg, data, procs)
+        learner = build_optimiser(cfg, net, objective, data.steps, procs.device)
+        resolved = asdict(cfg) | {
+            "mean": data.mean,
+            "std": data.std,
+            "device": str(procs.device),
+            "miner": objective.miner_name,
+            "processes": procs.world_size,
+        }
+        if procs.is_main:
+            write_text(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        history, first_epoch = History(), 1
+        if saved is not None:
+            history, first_epoch = restore(saved, learner, data.sampler, procs)
+            if procs.is_main:
+                logger.info("resuming %s at epoch %d", run, first_epoch)
+        if procs.is_main:
+            _write_metrics(run, history.records)
+        learner = dataclasses.replace(learner, trainee=procs.wrap(learner.trainee))
+
+        stopped_early = False
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            record = train_one_epoch(learner, data.loader, cfg, epoch, procs, on_step)
+            if data.val is not None:
+                record |= evaluate(net, data.val, procs, epoch, cfg.seed)
+            rngs = procs.gather_objects(rng_state.capture())  # every rank's, for an exact resume
+            if procs.is_main:
+                improved = history.add(record)
+                stopped_early = history.should_stop(cfg.patience) and epoch < cfg.epochs
+                save_epoch(run, cfg, learner, model_config, resolved, data, history, improved, rngs)
+                if on_epoch is not None:
+                    on_epoch(record)
+            if procs.broadcast(stopped_early):
+                stopped_early = True
+                if procs.is_main:
+                    logger.info(
+                        "early stop at epoch %d: no better val MAP@R for %d epochs",
+                        epoch,
+                        cfg.patience,
+                    )
+                break
+        if procs.is_main and history.records:
+            training_curves(history.records, run / "curves.png")
+        summary = {
+            "run": str(run),
+            "best_checkpoint": str(run / "best.pt"),
+            "epochs_run": history.records[-1]["epoch"] if history.records else 0,
+            "stopped_early": stopped_early,
+            **history.best,
+        }
+        return procs.broadcast(summary)  # rank 0 knows the history
 
 
-def _train(
-    cfg: TrainConfig,
-    rank: Rank,
-    device: torch.device,
-    on_step: ProgressFn | None,
-    on_epoch: EpochFn | None,
-    resume: bool,
-) -> dict:
-    run = Path(cfg.out)
-    saved = _resume_state(run, cfg) if resume else None
-    seed_everything(cfg.seed + rank.rank)  # the ranks augment differently; DDP syncs the model
-    world, main = rank.world_size, rank.is_main
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------------- data
 
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def channel_stats(
+    dataset: ImageDataset, max_images: int = 2000, seed: int = 0
+) -> tuple[list, list]:
+    """Per-channel mean and std of the raw pixels (scaled to [0, 1]) on a sample of images."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(dataset), size=min(max_images, len(dataset)), replace=False)
+    sums, sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for i in pick:
+        img = dataset.image(int(i)).double() / 255.0
+        sums += img.sum(dim=(1, 2))
+        sq += (img**2).sum(dim=(1, 2))
+        count += img.shape[1] * img.shape[2]
+    mean = sums / count
+    std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
+
+
+def split_train_val(
+    dataset: ImageDataset, fraction: float, seed: int
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """Stratified hold-out of ``fraction`` of the images of every class.
+
+    Raises:
+        UserError: a class with a single image, or a ``fraction`` that cannot keep at least one
+            image of every class on both sides (the message gives the fractions that can).
+    """
+    if fraction == 0:
+        return dataset, None
+    labels = dataset.labels
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < 2:
+        raise UserError("every class needs at least two images to hold some out for validation")
+    _check_holdout(len(labels), int((counts > 0).sum()), fraction)
+    pos = np.arange(len(dataset))
+    tr, va = train_test_split(pos, test_size=fraction, stratify=labels, random_state=seed)
+    return dataset.subset(np.sort(tr)), dataset.subset(np.sort(va))
+
+
+def _check_holdout(images: int, classes: int, fraction: float) -> None:
+    """A stratified split holds out ``ceil(fraction * images)`` images (scikit-learn's count);
+    both sides need one image of every class."""
+    held = math.ceil(fraction * images)
+    if classes <= held <= images - classes:
+        return
+    low = math.ceil(Fraction(classes, images) * 1000) / 1000
+    high = math.floor(Fraction(images - classes, images) * 1000) / 1000
+    works = f"of {low:g}" if low >= high else f"between {low:g} and {high:g}"
+    side = (
+        f"holds out {held} of the {images} images"
+        if held < classes
+        else f"leaves {images - held} of the {images} images for training"
+    )
+    raise UserError(
+        f"val_fraction {fraction:g} {side}, fewer than one per class ({classes} classes); "
+        f"use a val_fraction {works}, or 0 for no validation split"
+    )
+
+
+def load_training_data(cfg: TrainConfig) -> ImageDataset:
+    """The seen-class training images named by the configuration."""
+    dataset = open_source(cfg.data, split=cfg.split, root=cfg.data_root, draft_size=cfg.image_size)
+    dataset = dataset.filter_classes(parse_classes(cfg.training_classes()))
+    n_classes = len(np.unique(dataset.labels))
+    if n_classes < 2:
+        raise UserError(f"training needs at least two classes, the data has {n_classes}")
+    return dataset
+
+
+@dataclass
+class TrainingData:
+    """The training and validation images of a run, and how batches of them are drawn."""
+
+    train: ImageDataset  #: with the training transform
+    val: ImageDataset | None  #: with the evaluation transform; None without a validation split
+    class_names: list[str]
+    mean: list[float]  #: the input normalisation
+    std: list[float]
+    num_classes: int  #: labels are 0 .. num_classes - 1
+    steps: int  #: optimisation steps per epoch
+    sampler: MPerClassSampler  #: draws the global P x K batches
+    loader: DataLoader  #: this process's share of every batch
+
+
+def prepare_data(cfg: TrainConfig, procs: Processes) -> TrainingData:
+    """Load, split and normalise the images; the P x K sampler and this process's loader."""
     full = load_training_data(cfg)
     train_set, val_set = split_train_val(full, cfg.val_fraction, cfg.seed)
     if cfg.pretrained is not None:
@@ -251,209 +315,179 @@ def _train(
             f"a batch of {cfg.batch_size} with {m} per class needs {cfg.batch_size // m} classes, "
             f"the data has {n_classes}; lower batch_size or raise m_per_class"
         )
+    steps = len(train_set) // cfg.batch_size
+    if steps == 0:
+        raise UserError(
+            f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}"
+        )
+    sampler = MPerClassSampler(
+        labels, m, batch_size=cfg.batch_size, length_before_new_iter=steps * cfg.batch_size
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size // procs.world_size,
+        sampler=procs.shard_batches(sampler, cfg.batch_size),
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=procs.device.type == "cuda",
+    )
+    return TrainingData(
+        train_set,
+        val_set,
+        full.class_names,
+        mean,
+        std,
+        int(labels.max()) + 1,
+        steps,
+        sampler,
+        loader,
+    )
 
+
+# ------------------------------------------------------------------ model, loss, optimiser
+
+
+def build_network(
+    cfg: TrainConfig, data: TrainingData, procs: Processes, pretrained: bool = True
+) -> tuple[EmbeddingNet, dict]:
+    """The network on this process's device and its checkpoint ``model_config``.
+
+    Args:
+        pretrained: load ``cfg.pretrained`` weights (not when resuming: the checkpoint has them).
+    """
     weights = None
-    if cfg.pretrained is not None and saved is None:
+    if cfg.pretrained is not None and pretrained:
         weights = load_pretrained(cfg.arch, cfg.pretrained)
     try:
-        model = build_model(
+        net = build_model(
             cfg.arch,
             cfg.embedding_dim,
             cfg.embedding,
             stem=cfg.stem,
             image_size=cfg.image_size,
             weights=weights,
-        ).to(device)
+        ).to(procs.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
-    model_config = {
-        "arch": cfg.arch,
-        "head_dim": cfg.embedding_dim,
-        "embedding": cfg.embedding,
-        "embedding_dim": model.output_dim,
-        "image_size": cfg.image_size,
-        "mean": mean,
-        "std": std,
-        "stem": cfg.stem,
-    }
+    if procs.several and procs.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # statistics of the global batch
+    spec = ModelConfig(
+        arch=cfg.arch,
+        head_dim=cfg.embedding_dim,
+        embedding=cfg.embedding,
+        embedding_dim=net.output_dim,
+        image_size=cfg.image_size,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        stem=cfg.stem,
+    )
+    return net, spec.as_dict()
+
+
+def build_objective_for(cfg: TrainConfig, data: TrainingData, procs: Processes) -> Objective:
+    """The loss and its miner; loss parameters (proxies, class weights) start as rank 0's."""
     objective = build_objective(
         cfg.loss,
         cfg.miner,
         margin=cfg.margin,
         loss_args=cfg.loss_args,
         miner_args=cfg.miner_args,
-        num_classes=int(labels.max()) + 1,
+        num_classes=data.num_classes,
         embedding_size=cfg.embedding_dim,
-    ).to(device)
-    broadcast_module(objective)  # rank 0's initial proxies / class weights everywhere
-    params = list(model.parameters()) + list(objective.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ).to(procs.device)
+    procs.broadcast_module(objective)
+    return objective
 
-    steps = len(train_set) // cfg.batch_size
-    if steps == 0:
-        raise UserError(
-            f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}"
-        )
+
+@dataclass
+class Learner:
+    """What the optimisation steps change, and how."""
+
+    net: EmbeddingNet  #: the network checkpoints hold
+    trainee: nn.Module  #: ``net.head_embedding`` as ``forward`` (under DDP on several processes)
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    params: list[nn.Parameter] = field(default_factory=list)  #: the network's and the loss's
+
+
+def build_optimiser(
+    cfg: TrainConfig, net: EmbeddingNet, objective: Objective, steps: int, device: torch.device
+) -> Learner:
+    """Adam over the network's and the loss's parameters, the per-step learning-rate schedule,
+    and the AMP gradient scaler (enabled on CUDA only)."""
+    params = list(net.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    sampler = MPerClassSampler(
-        labels, m, batch_size=cfg.batch_size, length_before_new_iter=steps * cfg.batch_size
-    )
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size // world,
-        sampler=ShardedBatchSampler(sampler, cfg.batch_size, rank),
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    trainee = HeadEmbedding(net)
+    return Learner(net, trainee, objective, optimizer, scheduler, scaler, use_amp, params)
 
-    resolved = asdict(cfg) | {
-        "mean": mean,
-        "std": std,
-        "device": str(device),
-        "miner": objective.miner_name,
-        "processes": world,
-    }
-    if main:
-        write_text(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    class_names = full.class_names
-    log_path = run / "metrics.jsonl"
-    records: list[dict] = []
-    best: dict = {}
-    bad_epochs, first_epoch, stopped_early = 0, 1, False
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        objective.load_state_dict(saved["loss"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        _restore_sampler(sampler, saved["sampler"])
-        _restore_rng(saved, rank)
-        records = [dict(r) for r in saved["history"]]
-        best, bad_epochs = dict(saved["best"]), int(saved["bad_epochs"])
-        first_epoch = int(saved["epoch"]) + 1
-        if main:
-            logger.info("resuming %s at epoch %d", run, first_epoch)
-    if main:
-        write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-    trainee: nn.Module = HeadEmbedding(model)  # forward = what the loss sees
-    if world > 1:
-        trainee = DistributedDataParallel(
-            trainee, device_ids=[device.index] if device.type == "cuda" else None
+
+# ------------------------------------------------------------------------- train, evaluate
+
+
+def train_one_epoch(
+    learner: Learner,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    epoch: int,
+    procs: Processes,
+    on_step: ProgressFn | None = None,
+) -> dict:
+    """One pass over ``loader``; returns the epoch's record (``epoch``, mean ``loss``, ``lr`` of
+    the last step, ``images_per_s`` over all processes).
+
+    Raises:
+        UserError: the loss became NaN or infinite (nothing of that step is applied).
+    """
+    learner.trainee.train()
+    learner.objective.train()
+    optimizer, scaler = learner.optimizer, learner.scaler
+    report = on_step if procs.is_main else None
+    steps, device, world = len(loader), procs.device, procs.world_size
+    t0, seen, total, lr = time.perf_counter(), 0, 0.0, optimizer.param_groups[0]["lr"]
+    for step, (images, targets) in enumerate(loader, start=1):
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        value = backward_step(
+            learner.trainee,
+            learner.objective,
+            images,
+            targets,
+            scaler=scaler,
+            use_amp=learner.use_amp,
+            seed=_step_seed(cfg.seed, epoch, step),
+            processes=procs,
         )
-
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        trainee.train()
-        objective.train()
-        t0, seen, total, lr = time.perf_counter(), 0, 0.0, optimizer.param_groups[0]["lr"]
-        for step, (images, targets) in enumerate(loader, start=1):
-            images, targets = images.to(device, non_blocking=True), targets.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            value = backward_step(
-                trainee,
-                objective,
-                images,
-                targets,
-                scaler=scaler,
-                use_amp=use_amp,
-                seed=_step_seed(cfg.seed, epoch, step),
+        if not math.isfinite(value):
+            raise UserError(
+                f"the loss became {value} at epoch {epoch}, step {step}; lower the learning "
+                f"rate (now {cfg.lr}). The last good checkpoint is kept in {Path(cfg.out)}."
             )
-            if not math.isfinite(value):
-                raise UserError(
-                    f"the loss became {value} at epoch {epoch}, step {step}; lower the "
-                    f"learning rate (now {cfg.lr}). The last good checkpoint is kept in {run}."
-                )
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += len(images) * world
-            total += value
-            if on_step is not None and main:
-                on_step(
-                    StepInfo(
-                        epoch, step, steps, value, seen / max(time.perf_counter() - t0, 1e-9), lr
-                    )
-                )
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": total / steps,
-            "lr": lr,  # of the epoch's last step
-            "images_per_s": seen / (time.perf_counter() - t0),
-        }
-        val_emb = embed_sharded(model, val_set, device, rank) if val_set is not None else None
-        if val_emb is not None:  # on rank 0
-            scores = evaluate_embeddings(val_emb, val_set.labels, ks=(1,))
-            record["val_recall@1"] = scores["recall@1"]
-            record["val_map@r"] = scores["map@r"]
-            record.update(_collapse_check(val_emb, epoch, cfg.seed))
-        rngs = gather_objects(rng_state.capture())  # every rank's, for an exact resume
-        if main:
-            records.append(record)
-            write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-            score = record.get("val_map@r", -record["loss"])
-            improved = not best or score > best["score"] or math.isnan(best["score"])
-            if improved:
-                best, bad_epochs = {"score": score, **record}, 0
-            else:
-                bad_epochs += 1
-            stopped_early = cfg.patience > 0 and bad_epochs >= cfg.patience and epoch < cfg.epochs
-            entries = {
-                "config": resolved,
-                "class_names": class_names,
-                "epoch": epoch,
-                "metrics": record,
-            }
-            # best.pt before last.pt: a crash in between resumes from the previous epoch, whose
-            # last.pt still holds the best score it knew
-            if improved:
-                save_checkpoint(run / "best.pt", model, model_config, **entries)
-            save_checkpoint(
-                run / "last.pt",
-                model,
-                model_config,
-                **entries,
-                train_config=asdict(cfg),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                loss=objective.state_dict(),
-                rng=rngs[0],
-                sampler=_sampler_state(sampler),
-                history=records,
-                best=best,
-                bad_epochs=bad_epochs,
-                **({"rng_ranks": rngs} if world > 1 else {}),
-            )
-            if on_epoch is not None:
-                on_epoch(record)
-        stopped_early = broadcast(stopped_early)
-        if stopped_early:
-            if main:
-                logger.info(
-                    "early stop at epoch %d: no better val MAP@R for %d epochs", epoch, cfg.patience
-                )
-            break
-    if main and records:
-        training_curves(records, run / "curves.png")
-    epochs_run = records[-1]["epoch"] if records else 0
-    summary = {
-        "run": str(run),
-        "best_checkpoint": str(run / "best.pt"),
-        "epochs_run": epochs_run,
-        "stopped_early": stopped_early,
-        **best,
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(learner.params, cfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        learner.scheduler.step()
+        seen += len(images) * world
+        total += value
+        if report is not None:
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            report(StepInfo(epoch, step, steps, value, rate, lr))
+    return {
+        "epoch": epoch,
+        "loss": total / steps,
+        "lr": lr,  # of the epoch's last step
+        "images_per_s": seen / (time.perf_counter() - t0),
     }
-    return broadcast(summary)  # rank 0 knows the history
 
 
 def backward_step(
@@ -465,6 +499,7 @@ def backward_step(
     scaler: torch.amp.GradScaler,
     use_amp: bool = False,
     seed: int = 0,
+    processes: Processes | None = None,
 ) -> float:
     """Embed this process's images, compute the loss on the global batch, back-propagate.
 
@@ -474,19 +509,23 @@ def backward_step(
     (:mod:`retrieval.training.distributed`). Randomised miners draw from ``seed``, shared by
     the ranks.
 
+    Args:
+        processes: the run's processes; by default those of the current process group.
+
     Returns:
         The loss on the global batch; when it is not finite nothing is back-propagated.
     """
     device = images.device
+    procs = processes if processes is not None else Processes.current(device)
     with torch.autocast(device.type, enabled=use_amp):
         emb = trainee(images)  # (batch / world, embedding_dim)
     with shared_randomness(seed, device):
-        loss = objective(*gather_batch(emb.float(), targets))
+        loss = objective(*procs.gather_batch(emb.float(), targets))
     value = loss.item()
     if math.isfinite(value):
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        scaler.scale(loss * world).backward()  # x world: DDP averages over the ranks
-        sync_loss_gradients(objective)
+        world = procs.world_size  # x world: DDP averages over the ranks
+        scaler.scale(loss * world if world > 1 else loss).backward()
+        procs.sync_loss_gradients(objective)
     return value
 
 
@@ -495,20 +534,20 @@ def _step_seed(seed: int, epoch: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
 
 
-def _restore_rng(saved: dict, rank: Rank) -> None:
-    """Put back this rank's random state from a checkpoint (rank 0's without a per-rank one)."""
-    per_rank = saved.get("rng_ranks")
-    if per_rank is not None and len(per_rank) == rank.world_size:
-        rng_state.restore(per_rank[rank.rank])
-    elif rank.is_main:
-        rng_state.restore(saved["rng"])
-    else:
-        logger.info(
-            "rank %d: the checkpoint holds no random state for %d processes; this rank "
-            "draws its augmentations afresh",
-            rank.rank,
-            rank.world_size,
-        )
+def evaluate(
+    net: nn.Module, dataset: ImageDataset, procs: Processes, epoch: int, seed: int
+) -> dict:
+    """Validation recall@1, MAP@R and mean pairwise cosine of ``net`` on ``dataset`` (on rank 0;
+    ``{}`` on the others, which embed their share)."""
+    embeddings = procs.embed(net, dataset)
+    if embeddings is None:
+        return {}
+    scores = evaluate_embeddings(embeddings, dataset.labels, ks=(1,))
+    return {
+        "val_recall@1": scores["recall@1"],
+        "val_map@r": scores["map@r"],
+        **_collapse_check(embeddings, epoch, seed),
+    }
 
 
 def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:
@@ -526,3 +565,155 @@ def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:
             COLLAPSE_COSINE,
         )
     return out
+
+
+# ------------------------------------------------------------------ history, resume, save
+
+
+@dataclass
+class History:
+    """The epochs' records, the best one (by validation MAP@R, else the lowest loss) and the
+    epochs since it."""
+
+    records: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  #: ``score`` and the best epoch's record
+    bad_epochs: int = 0
+
+    def add(self, record: dict) -> bool:
+        """Append an epoch's record; True when it is the best so far."""
+        self.records.append(record)
+        score = record.get("val_map@r", -record["loss"])
+        improved = not self.best or score > self.best["score"] or math.isnan(self.best["score"])
+        if improved:
+            self.best, self.bad_epochs = {"score": score, **record}, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def should_stop(self, patience: int) -> bool:
+        """``patience`` epochs without a better one (never when ``patience`` is 0)."""
+        return patience > 0 and self.bad_epochs >= patience
+
+
+def _write_metrics(run: Path, records: list[dict]) -> None:
+    write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_epoch(
+    run: Path,
+    cfg: TrainConfig,
+    learner: Learner,
+    model_config: dict,
+    resolved: dict,
+    data: TrainingData,
+    history: History,
+    improved: bool,
+    rngs: list[dict],
+) -> None:
+    """``metrics.jsonl``, then ``best.pt`` (when the epoch improved), then ``last.pt``.
+
+    best.pt before last.pt: a crash in between resumes from the previous epoch, whose last.pt
+    still holds the best score it knew.
+    """
+    _write_metrics(run, history.records)
+    record = history.records[-1]
+    entries = {
+        "config": resolved,
+        "class_names": data.class_names,
+        "epoch": record["epoch"],
+        "metrics": record,
+    }
+    if improved:
+        save_checkpoint(run / "best.pt", learner.net, model_config, **entries)
+    save_checkpoint(
+        run / "last.pt",
+        learner.net,
+        model_config,
+        **entries,
+        train_config=asdict(cfg),
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        scaler=learner.scaler.state_dict(),
+        loss=learner.objective.state_dict(),
+        rng=rngs[0],
+        sampler=_sampler_state(data.sampler),
+        history=history.records,
+        best=history.best,
+        bad_epochs=history.bad_epochs,
+        **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
+    )
+
+
+def restore(
+    saved: dict, learner: Learner, sampler: MPerClassSampler, procs: Processes
+) -> tuple[History, int]:
+    """Put a ``last.pt`` state back into the learner, the sampler and the random generators;
+    returns the history so far and the epoch to continue with."""
+    learner.net.load_state_dict(saved["model"])
+    learner.objective.load_state_dict(saved["loss"])
+    learner.optimizer.load_state_dict(saved["optimizer"])
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    learner.scaler.load_state_dict(saved["scaler"])
+    _restore_sampler(sampler, saved["sampler"])
+    _restore_rng(saved, procs)
+    history = History(
+        [dict(r) for r in saved["history"]], dict(saved["best"]), int(saved["bad_epochs"])
+    )
+    return history, int(saved["epoch"]) + 1
+
+
+def _sampler_state(sampler: MPerClassSampler) -> list[int]:
+    """The sampler's class order (PML shuffles it in place, drawing from NumPy's global RNG)."""
+    return [int(c) for c in sampler.labels]
+
+
+def _restore_sampler(sampler: MPerClassSampler, order: list[int]) -> None:
+    by_int = {int(c): c for c in sampler.labels}
+    if sorted(by_int) != sorted(order):
+        raise UserError("the checkpoint's sampler does not match the training classes")
+    sampler.labels = [by_int[c] for c in order]
+
+
+def _restore_rng(saved: dict, procs: Processes) -> None:
+    """Put back this rank's random state from a checkpoint (rank 0's without a per-rank one)."""
+    per_rank = saved.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == procs.world_size:
+        rng_state.restore(per_rank[procs.rank.rank])
+    elif procs.is_main:
+        rng_state.restore(saved["rng"])
+    else:
+        logger.info(
+            "rank %d: the checkpoint holds no random state for %d processes; this rank "
+            "draws its augmentations afresh",
+            procs.rank.rank,
+            procs.world_size,
+        )
+
+
+def _resume_state(run: Path, cfg: TrainConfig) -> dict:
+    """The training state of ``run/last.pt``, checked against ``cfg``."""
+    state = load_checkpoint(run / "last.pt")
+    if "optimizer" not in state or "train_config" not in state:
+        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
+    saved = dict(state["train_config"])
+    current = asdict(cfg)
+    changed = sorted(
+        k for k in current if k not in RESUME_OVERRIDABLE + ("out",) and saved.get(k) != current[k]
+    )
+    if changed:
+        raise UserError(
+            f"cannot resume {run} with a different {', '.join(changed)} "
+            f"(only {', '.join(RESUME_OVERRIDABLE)} may change)"
+        )
+    return state
+
+
+def load_run_config(run: str | Path) -> TrainConfig:
+    """The configuration a run was started with (from its ``last.pt``), for ``--resume``."""
+    run = Path(run)
+    if not (run / "last.pt").is_file():
+        raise UserError(f"{run} has no last.pt checkpoint to resume from")
+    state = load_checkpoint(run / "last.pt")
+    if "train_config" not in state:
+        raise UserError(f"{run / 'last.pt'} holds no training state to resume from")
+    return TrainConfig.from_dict(dict(state["train_config"]) | {"out": str(run)})

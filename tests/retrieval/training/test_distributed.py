@@ -329,3 +329,27 @@ def test_torchrun_refuses_a_batch_that_does_not_split(digits_folder, tmp_path):
     assert run.returncode != 0
     assert "must split evenly over the 2 processes" in run.stderr
     assert not (tmp_path / "odd" / "last.pt").exists()
+
+
+def test_one_process_needs_no_process_group(monkeypatch):
+    """Alone, every collective of ``Processes`` returns its input without torch.distributed."""
+    from retrieval.training.distributed import Processes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.distributed was called on one process")
+
+    for name in ("broadcast_object_list", "all_gather_object", "all_gather", "broadcast"):
+        monkeypatch.setattr(dist, name, refuse)
+    alone = Processes()
+    assert alone.is_main and alone.world_size == 1 and not alone.several
+    emb, labels = torch.randn(4, 3), torch.arange(4)
+    got = alone.gather_batch(emb, labels)
+    assert got[0] is emb and got[1] is labels
+    assert alone.broadcast({"a": 1}) == {"a": 1} and alone.gather_objects(5) == [5]
+    sampler = range(8)
+    assert alone.shard_batches(sampler, 4) is sampler
+    net = torch.nn.Linear(3, 2)
+    assert alone.wrap(net) is net
+    alone.broadcast_module(net)
+    alone.sync_loss_gradients(net)
+    assert Processes.current(torch.device("cpu")) == alone

@@ -251,12 +251,10 @@ def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monk
 
 
 def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch, caplog):
-    import retrieval.training.loop as train_module
+    from retrieval.training.distributed import Processes
 
     monkeypatch.setattr(
-        train_module,
-        "embed_sharded",
-        lambda model, ds, *a, **k: np.ones((len(ds), 8), dtype=np.float32),
+        Processes, "embed", lambda self, model, ds: np.ones((len(ds), 8), dtype=np.float32)
     )
     with caplog.at_level("WARNING", logger="retrieval.training.loop"):
         train(_cfg(digits_folder, tmp_path / "run"))
@@ -308,3 +306,55 @@ def test_every_example_config_is_valid():
         cfg = TrainConfig.from_dict(yaml.safe_load(f.read_text()))
         cfg.validate()
         assert cfg.loss == f.stem
+
+
+def _dataset(per_class: int, classes: int = 5):
+    from data.datasets import ArrayStore, ImageDataset
+
+    n = per_class * classes
+    images = np.zeros((n, 4, 4), dtype=np.uint8)
+    labels = np.repeat(np.arange(classes), per_class)
+    return ImageDataset(ArrayStore(images), labels, [str(i) for i in range(n)], list("abcde"))
+
+
+@pytest.mark.parametrize(
+    "per_class,fraction,works",
+    [
+        (40, 0.02, "between 0.025 and 0.975"),  # 4 of 200 held out: fewer than the 5 classes
+        (2, 0.1, "0.5"),  # 2 images per class: exactly one of each is held out
+        (2, 0.7, "0.5"),  # too many held out: fewer training images than classes
+    ],
+)
+def test_a_validation_fraction_that_cannot_hold_out_every_class_says_what_works(
+    per_class, fraction, works
+):
+    from retrieval.training.loop import split_train_val
+
+    with pytest.raises(UserError) as caught:
+        split_train_val(_dataset(per_class), fraction, seed=0)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"val_fraction {fraction}" in message and "5 classes" in message
+    assert works in message
+
+
+def test_a_validation_fraction_at_the_stated_bound_works():
+    from retrieval.training.loop import split_train_val
+
+    train_set, val_set = split_train_val(_dataset(2), 0.5, seed=0)
+    assert np.bincount(val_set.labels).tolist() == [1] * 5
+    assert np.bincount(train_set.labels).tolist() == [1] * 5
+    train_set, val_set = split_train_val(_dataset(40), 0.025, seed=0)
+    assert np.bincount(val_set.labels).tolist() == [1] * 5
+
+
+def test_a_too_small_validation_fraction_is_one_error_line_on_the_command_line(
+    digits_folder, tmp_path, capsys
+):
+    code, _, err = run_cli(
+        ["train", "--data", digits_folder, "--classes", "0-4", "--val-fraction", "0.01"]
+        + ["--device", "cpu", "--out", tmp_path / "run"],
+        capsys,
+    )
+    assert code == 2
+    assert "Traceback" not in err and "val_fraction 0.01" in " ".join(err.split())
