@@ -151,7 +151,11 @@ def find_duplicates_in(
         raise UserError("give either --threshold DISTANCE or --cutpoint NAME")
     if keep not in ("largest", "first"):
         raise UserError(f"--keep takes largest or first, got {keep!r}")
+    if threshold is not None and not threshold >= 0:
+        raise UserError(f"the distance threshold must be a number >= 0, got {threshold}")
     target = Path(target)
+    if not target.is_dir():
+        raise UserError(f"{target}: no such index or folder of images")
     if is_index_folder(target):
         from retrieval.serving.service import SearchService
 
@@ -167,8 +171,6 @@ def find_duplicates_in(
             raise UserError("--cutpoint needs a calibrated index; give --threshold for a folder")
         if model_path is None:
             raise UserError("a folder of images needs --model CHECKPOINT to embed it")
-        if not target.is_dir():
-            raise UserError(f"{target}: no such index or folder of images")
         from data.images import is_image_file
         from retrieval.model.embed import pick_device
         from retrieval.model.resolve import resolve_model
