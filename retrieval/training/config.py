@@ -22,6 +22,8 @@ from retrieval.training.schedule import SCHEDULES
 BUILTIN_SOURCE = "fashion-mnist"
 #: Options that may change when a run is resumed (the others would make it a different run).
 RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "patience")
+#: Share of the images held out for validation when neither split option is given.
+DEFAULT_VAL_FRACTION = 0.1
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -46,8 +48,17 @@ class TrainConfig:
         f"Classes to train on, e.g. 0-4 or cat,dog ('' = all). Default: {SEEN_CLASSES} (the "
         "seen classes) for the built-in dataset, all classes of any other source.",
     )
-    val_fraction: float = _opt(
-        0.1, "Share of the training classes' images held out for model selection."
+    val_fraction: float | None = _opt(
+        None,
+        f"Share of the training classes' images held out for model selection (closed-set); "
+        f"default {DEFAULT_VAL_FRACTION} unless --val-classes is given, 0 = no validation.",
+    )
+    val_classes: str | None = _opt(
+        None,
+        "Hold out whole training classes for model selection instead (open-set: best.pt and "
+        "early stopping then reward retrieval of classes never trained on): a fraction of the "
+        "classes with a decimal point, e.g. 0.2 (drawn with --seed), or a list of class "
+        "indices or names, e.g. 3,7 or 5-9 or cat,dog.",
     )
     arch: str = _opt(
         "small",
@@ -107,6 +118,13 @@ class TrainConfig:
             return self.classes
         return SEEN_CLASSES if self.data.split(":")[0] == BUILTIN_SOURCE else ""
 
+    def image_val_fraction(self) -> float:
+        """The ``val_fraction`` in force: :data:`DEFAULT_VAL_FRACTION` unless given, 0 when
+        whole classes are held out (``val_classes``)."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if self.val_classes else DEFAULT_VAL_FRACTION
+
     def validate(self) -> None:
         """Raise :class:`UserError` on values that cannot work."""
         from retrieval.model.networks import BACKBONES
@@ -123,7 +141,12 @@ class TrainConfig:
             )
         if self.batch_size // self.m_per_class < 2:
             raise UserError("a batch needs at least two classes: batch_size >= 2 * m_per_class")
-        if not 0.0 <= self.val_fraction < 1.0:
+        if self.val_classes is not None and self.val_fraction is not None:
+            raise UserError(
+                "give either val_fraction (images of every class) or val_classes (whole "
+                "classes) for the validation split, not both"
+            )
+        if not 0.0 <= self.image_val_fraction() < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")

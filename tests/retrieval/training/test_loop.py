@@ -358,3 +358,132 @@ def test_a_too_small_validation_fraction_is_one_error_line_on_the_command_line(
     )
     assert code == 2
     assert "Traceback" not in err and "val_fraction 0.01" in " ".join(err.split())
+
+
+# ---------------------------------------------------------------- class-disjoint validation
+
+
+def test_held_out_classes_never_appear_in_training_batches(digits_folder, tmp_path):
+    from retrieval.training.distributed import Processes
+    from retrieval.training.loop import prepare_data
+
+    cfg = _cfg(digits_folder, tmp_path / "run", classes="0-9", val_fraction=None)
+    cfg.val_classes = "3,7"
+    data = prepare_data(cfg, Processes.current(torch.device("cpu")))
+    assert data.val_classes == ["digit3", "digit7"]
+    assert sorted(np.unique(data.val.labels).tolist()) == [3, 7]
+    assert not np.isin(data.train.labels, [3, 7]).any()
+    seen = set()
+    for _ in range(3):  # epochs: the sampler reshuffles
+        for _, targets in data.loader:
+            seen |= set(targets.tolist())
+    assert seen == {0, 1, 2, 4, 5, 6, 8, 9}
+
+
+def test_a_fraction_of_classes_is_drawn_with_the_seed_and_recorded(digits_folder, tmp_path):
+    cfg = _cfg(digits_folder, tmp_path / "run", classes="0-9", val_fraction=None)
+    cfg.val_classes = "0.3"
+    summary = train(cfg)
+    state = torch.load(summary["best_checkpoint"], weights_only=True)
+    held = state["validation_classes"]
+    assert len(held) == 3 and held == sorted(held)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["validation_classes"] == (
+        held
+    )
+    assert "val_map@r" in summary  # best.pt selected on the held-out classes
+    from retrieval.training.loop import split_val_classes
+
+    again = split_val_classes(open_source(str(digits_folder)), "0.3", seed=0)[2]
+    assert again == held
+    assert split_val_classes(open_source(str(digits_folder)), "0.3", seed=1)[2] != held
+
+
+def test_held_out_classes_by_name():
+    from retrieval.training.loop import split_val_classes
+
+    train_set, val_set, names = split_val_classes(_dataset(4), "b,e", seed=0)
+    assert names == ["b", "e"]
+    assert sorted(set(val_set.labels.tolist())) == [1, 4]
+    assert sorted(set(train_set.labels.tolist())) == [0, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "spec,per_class,batch_classes,message",
+    [
+        ("0.1", 4, 2, "a fraction between 0.3 and 0.69"),  # 1 of 5 classes held out
+        ("0.9", 4, 2, "hold out 2 to 3 classes"),  # 1 class left to train on
+        ("0,1,2", 4, 3, "hold out 2 to 2 classes"),  # a P x K batch needs 3 classes
+        ("0,1", 1, 2, "two images or more"),  # single-image validation classes
+        ("0,1", 4, 4, "use val_fraction instead"),  # 5 classes cannot make both sides
+        ("0,7", 4, 2, "not among the training classes"),
+        ("x,y", 4, 2, "neither a fraction"),
+        ("1.5", 4, 2, "in (0, 1)"),
+    ],
+)
+def test_a_class_split_that_cannot_work_is_one_line_saying_what_would(
+    spec, per_class, batch_classes, message
+):
+    from retrieval.training.loop import split_val_classes
+
+    with pytest.raises(UserError) as caught:
+        split_val_classes(_dataset(per_class), spec, seed=0, batch_classes=batch_classes)
+    assert "\n" not in str(caught.value) and message in str(caught.value)
+
+
+@pytest.mark.parametrize("fraction", ["0.3", "0.69"])
+def test_the_stated_fraction_bounds_of_a_class_split_work(fraction):
+    from retrieval.training.loop import split_val_classes
+
+    _, val_set, names = split_val_classes(_dataset(4), fraction, seed=0)
+    assert 2 <= len(names) <= 3
+
+
+def test_val_fraction_and_val_classes_together_are_refused(digits_folder, tmp_path, capsys):
+    code, _, err = run_cli(
+        ["train", "--data", digits_folder, "--val-fraction", "0.2", "--val-classes", "0.2"]
+        + ["--device", "cpu", "--out", tmp_path / "run"],
+        capsys,
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "not both" in " ".join(err.split())
+
+
+def test_the_default_validation_split_holds_out_a_tenth_of_the_images():
+    cfg = TrainConfig()
+    assert cfg.image_val_fraction() == 0.1 and cfg.val_classes is None
+    assert TrainConfig(val_classes="0.2").image_val_fraction() == 0.0
+
+
+# ------------------------------------------------------------------------- collapse check
+
+
+def _embeddings_with_mean_cosine(target: float, n: int = 300, dim: int = 32) -> np.ndarray:
+    """Unit vectors around a common direction; their mean pairwise cosine is near ``target``."""
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((n, dim))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    common = np.zeros(dim)
+    common[0] = 1.0
+    spread = np.sqrt((1 - target) / target)  # cos ~ 1 / (1 + spread^2) for random noise
+    emb = common + spread * noise
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_embeddings_close_to_one_direction_are_reported_with_the_figure(caplog):
+    from retrieval.training.loop import _collapse_check
+
+    emb = _embeddings_with_mean_cosine(0.97)
+    with caplog.at_level("WARNING", logger="retrieval.training.loop"):
+        out = _collapse_check(emb, epoch=1, seed=0)
+    assert out["val_mean_cosine"] == pytest.approx(0.97, abs=0.01)
+    assert out["collapsed"] is True
+    assert f"{out['val_mean_cosine']:.3f}" in caplog.text and "learning rate" in caplog.text
+
+
+def test_spread_embeddings_are_not_reported(caplog):
+    from retrieval.training.loop import _collapse_check
+
+    with caplog.at_level("WARNING", logger="retrieval.training.loop"):
+        out = _collapse_check(_embeddings_with_mean_cosine(0.5), epoch=1, seed=0)
+    assert out["val_mean_cosine"] == pytest.approx(0.5, abs=0.03)
+    assert "collapsed" not in out and not caplog.text
