@@ -115,6 +115,9 @@ def train_cmd(
                 if "val_map@r" in rec
                 else ""
             )
+            if "loss" not in rec:  # the untrained network, before the first epoch
+                bar.console.print(f"epoch 0 (no training):{val}")
+                return
             bar.console.print(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}{val}")
 
         summary = train(cfg, on_step=on_step, on_epoch=on_epoch, resume=resume is not None)

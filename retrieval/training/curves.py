@@ -17,7 +17,8 @@ def training_curves(records: Sequence[dict], out: str | os.PathLike) -> None:
 
     Args:
         records: one dict per epoch with ``epoch`` and ``loss`` (and ``val_recall@1``,
-            ``val_map@r`` when the run had a validation split), as in ``metrics.jsonl``.
+            ``val_map@r`` when the run had a validation split), as in ``metrics.jsonl``; a
+            record without ``loss`` (the untrained baseline) is drawn on the right only.
         out: the PNG path, written atomically.
     """
     import matplotlib
@@ -27,7 +28,8 @@ def training_curves(records: Sequence[dict], out: str | os.PathLike) -> None:
 
     epochs = [r["epoch"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
-    ax1.plot(epochs, [r["loss"] for r in records], marker="o")
+    trained = [r for r in records if "loss" in r]  # not the untrained baseline (epoch 0)
+    ax1.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     for key in ("val_recall@1", "val_map@r"):

@@ -7,9 +7,10 @@ epoch, :func:`evaluate` scores the validation split; :func:`restore` and :func:`
 are the resume and checkpoint halves of the run folder.
 
 The run folder holds ``config.yaml`` (the resolved configuration), ``metrics.jsonl`` (one line
-per epoch), ``curves.png`` (loss and validation curves), ``last.pt`` (every epoch: model,
-optimizer, scheduler, loss parameters, AMP scaler, RNG and sampler state, epoch, best score) and
-``best.pt`` (best validation MAP@R) — all written atomically, so a crash never leaves a torn
+per epoch, after an epoch-0 line of the untrained network's validation scores), ``curves.png``
+(loss and validation curves), ``last.pt`` (every epoch: model, optimizer, scheduler, loss
+parameters, AMP scaler, RNG and sampler state, epoch, best score) and ``best.pt`` (best
+validation MAP@R) — all written atomically, so a crash never leaves a torn
 file, and ``train(cfg, resume=True)`` continues from ``last.pt`` exactly where it stopped.
 
 Model selection uses a validation split of the *seen* classes' training data: images of every
@@ -173,6 +174,17 @@ def train(
             history, first_epoch = restore(saved, learner, data.sampler, procs)
             if procs.is_main:
                 logger.info("resuming %s at epoch %d", run, first_epoch)
+        if saved is None and data.val is not None:  # where the run starts from
+            before = rng_state.capture()  # embedding draws loader seeds: keep training's
+            baseline = evaluate(net, data.val, procs, 0, cfg.seed)
+            rng_state.restore(before)
+            if procs.is_main:
+                history.add_baseline(
+                    {"epoch": 0, "baseline": True, **baseline}
+                    | ({"val_classes": data.val_classes} if data.val_classes else {})
+                )
+                if on_epoch is not None:
+                    on_epoch(history.records[-1])
         if procs.is_main:
             _write_metrics(run, history.records)
         learner = dataclasses.replace(learner, trainee=procs.wrap(learner.trainee))
@@ -649,11 +661,12 @@ def evaluate(
 
 
 def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:
-    """Mean pairwise cosine of (a sample of) the validation embeddings; warns on a collapse."""
+    """Mean pairwise cosine of (a sample of) the validation embeddings; warns on a collapse
+    after a training epoch (``epoch`` > 0)."""
     pick = np.random.default_rng(seed).permutation(len(embeddings))[:COLLAPSE_SAMPLE]
     cos = pair_cosine(torch.from_numpy(embeddings[np.sort(pick)]))
     out: dict[str, Any] = {"val_mean_cosine": cos}
-    if cos > COLLAPSE_COSINE:
+    if cos > COLLAPSE_COSINE and epoch > 0:  # an untrained network's spread is no verdict
         out["collapsed"] = True
         logger.warning(
             "epoch %d: the validation embeddings have collapsed (mean pairwise cosine %.3f > "
@@ -672,11 +685,16 @@ def _collapse_check(embeddings: np.ndarray, epoch: int, seed: int) -> dict:
 @dataclass
 class History:
     """The epochs' records, the best one (by validation MAP@R, else the lowest loss) and the
-    epochs since it."""
+    epochs since it. With a validation split the first record is the untrained network's
+    (``epoch`` 0, ``baseline``), so every run shows whether it beats its start."""
 
     records: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)  #: ``score`` and the best epoch's record
     bad_epochs: int = 0
+
+    def add_baseline(self, record: dict) -> None:
+        """Append the untrained network's record (epoch 0): reported, never selected."""
+        self.records.append(record)
 
     def add(self, record: dict) -> bool:
         """Append an epoch's record; True when it is the best so far."""

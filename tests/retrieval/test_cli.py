@@ -27,7 +27,7 @@ def test_train_writes_a_complete_run(trained_run):
     assert state["model_config"]["image_size"] == 16
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["batch_size"] == 40 and cfg["device"] == "cpu"
-    record = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[0])
+    record = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= record["val_recall@1"] <= 1.0 and record["loss"] >= 0.0
     assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]  # no temporaries
 

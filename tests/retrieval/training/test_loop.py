@@ -69,7 +69,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1]
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]  # 0: the untrained network
 
 
 @pytest.mark.parametrize("loss", NAMED_LOSSES)
@@ -215,7 +215,7 @@ def test_resume_continues_exactly_where_it_stopped(digits_folder, tmp_path):
     resumed = train(cfg, resume=True)
     assert resumed["epochs_run"] == whole["epochs_run"] == 3
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2, 3]
 
 
 def test_resume_refuses_a_different_run(digits_folder, tmp_path):
@@ -245,7 +245,8 @@ def test_early_stopping_and_warmup_cosine_schedule(digits_folder, tmp_path, monk
         )
     )
     assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["epoch"] == 1
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines][1:]  # after the untrained baseline
     assert records[0]["lr"] == pytest.approx(3e-4)  # the last warm-up step reaches the peak
     assert records[2]["lr"] < records[1]["lr"] < records[0]["lr"]  # then the cosine decays
 
@@ -258,7 +259,7 @@ def test_collapsed_embeddings_are_reported(digits_folder, tmp_path, monkeypatch,
     )
     with caplog.at_level("WARNING", logger="retrieval.training.loop"):
         train(_cfg(digits_folder, tmp_path / "run"))
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["collapsed"] is True and record["val_mean_cosine"] == pytest.approx(1.0)
     assert "collapsed" in caplog.text
 
@@ -487,3 +488,52 @@ def test_spread_embeddings_are_not_reported(caplog):
         out = _collapse_check(_embeddings_with_mean_cosine(0.5), epoch=1, seed=0)
     assert out["val_mean_cosine"] == pytest.approx(0.5, abs=0.03)
     assert "collapsed" not in out and not caplog.text
+
+
+# ---------------------------------------------------------------------- untrained baseline
+
+
+def test_the_untrained_network_is_reported_before_the_first_epoch(digits_folder, tmp_path):
+    from retrieval.evaluation.evaluate import evaluate_embeddings
+    from retrieval.model.checkpoint import load_checkpoint
+    from retrieval.model.embed import embed_dataset
+    from retrieval.training.distributed import Processes
+    from retrieval.training.loop import build_network, prepare_data, seed_everything
+
+    cfg = _cfg(digits_folder, tmp_path / "run", classes="0-9", val_fraction=None)
+    cfg.val_classes = "3,7"
+    reported = []
+    summary = train(cfg, on_epoch=reported.append)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert reported[0] == first and [r["epoch"] for r in reported] == [0, 1]
+    assert first["baseline"] is True and "loss" not in first
+    assert first["val_classes"] == ["digit3", "digit7"]
+    assert summary["epoch"] == 1  # reported, never selected
+    assert (
+        load_checkpoint(tmp_path / "run" / "best.pt")["validation_classes"] == first["val_classes"]
+    )
+    # the same figure as scoring the freshly built network on the held-out classes
+    seed_everything(cfg.seed)
+    procs = Processes.current(torch.device("cpu"))
+    data = prepare_data(cfg, procs)
+    net, _ = build_network(cfg, data, procs)
+    scores = evaluate_embeddings(embed_dataset(net, data.val), data.val.labels, ks=(1,))
+    assert first["val_map@r"] == pytest.approx(scores["map@r"])
+    assert first["val_recall@1"] == pytest.approx(scores["recall@1"])
+
+
+def test_the_baseline_leaves_the_training_numbers_unchanged(digits_folder, tmp_path, monkeypatch):
+    import retrieval.training.loop as loop
+
+    train(_cfg(digits_folder, tmp_path / "a"))
+    real = loop.evaluate
+
+    def no_baseline(net, ds, procs, epoch, seed):
+        return {} if epoch == 0 else real(net, ds, procs, epoch, seed)
+
+    monkeypatch.setattr(loop, "evaluate", no_baseline)
+    train(_cfg(digits_folder, tmp_path / "b"))
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in "ab")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
