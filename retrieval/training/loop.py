@@ -310,10 +310,11 @@ def split_val_classes(
     if len(usable) < 2 or n - len(held) < need_train:
         most = n - need_train
         if most < 2:
+            smaller = f"lower batch_size // m_per_class to {n - 2} or " if n >= 4 else ""
             raise UserError(
                 f"val_classes {spec!r}: the data has {n} classes; holding out whole classes "
                 f"needs 2 for validation and {need_train} for training (batch_size // "
-                f"m_per_class = {batch_classes}); use val_fraction instead"
+                f"m_per_class = {batch_classes}); {smaller}use val_fraction instead"
             )
         # held = floor(f * n + 1/2) is in [2, most] for f in [3 / 2n, (2 most + 1) / 2n)
         low = math.ceil(Fraction(3, 2 * n) * 100) / 100

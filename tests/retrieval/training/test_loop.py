@@ -415,7 +415,7 @@ def test_held_out_classes_by_name():
         ("0.9", 4, 2, "hold out 2 to 3 classes"),  # 1 class left to train on
         ("0,1,2", 4, 3, "hold out 2 to 2 classes"),  # a P x K batch needs 3 classes
         ("0,1", 1, 2, "two images or more"),  # single-image validation classes
-        ("0,1", 4, 4, "use val_fraction instead"),  # 5 classes cannot make both sides
+        ("0,1", 4, 4, "lower batch_size // m_per_class to 3 or use val_fraction"),
         ("0,7", 4, 2, "not among the training classes"),
         ("x,y", 4, 2, "neither a fraction"),
         ("1.5", 4, 2, "in (0, 1)"),
