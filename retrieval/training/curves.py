@@ -36,7 +36,8 @@ def training_curves(records: Sequence[dict], out: str | os.PathLike) -> None:
         if all(key in r for r in records):
             ax2.plot(epochs, [r[key] for r in records], marker="o", label=key[4:])
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation (seen classes)")
+    held_out = any("val_classes" in r for r in records)  # whole classes, never trained on
+    ax2.set_ylabel("validation (held-out classes)" if held_out else "validation (seen classes)")
     if ax2.get_lines():
         ax2.legend()
     else:  # trained without a validation split
