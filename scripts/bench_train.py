@@ -7,7 +7,13 @@ each phase times its last epoch (the first warms up). The phases run interleaved
 machine weighs on both alike; prints images/s of every phase, the load average around it, and
 the ratio of the medians, ``retrieval train`` / plain loop (target >= 0.95).
 
+``--pretrained`` measures the fine-tuning recipe instead (``retrieval.training.recipe``):
+EfficientNet-Lite0 from its ImageNet weights at the recipe's image size, augmentation, the head
+and the backbone at their own learning rates, BatchNorm statistics frozen; the plain loop does
+the same in a few textbook lines.
+
     python scripts/bench_train.py --data-root /usr/share/datasets/fashion-mnist --images 6400
+    python scripts/bench_train.py --pretrained --images 640 --batch-size 64 --m-per-class 16
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -41,19 +48,51 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=2, help="phases of each loop, interleaved A B B A ..."
     )
+    p.add_argument(
+        "--pretrained", action="store_true", help="the fine-tuning recipe (EfficientNet-Lite0)"
+    )
     return p
+
+
+def plain_pretrained_setup(args: argparse.Namespace):
+    """The recipe's model, data and optimizer, written out as a textbook loop would."""
+    from retrieval.model.pretrained import input_norm, load_pretrained
+    from retrieval.training.recipe import PRETRAINED_RECIPE as R
+
+    size = R["image_size"]
+    mean, std = input_norm(R["arch"])
+    data = load_builtin("train", args.data_root).filter_classes(range(5))
+    data = data.with_transform(train_transform(size, mean, std, augment=R["augment"]))
+    weights = load_pretrained(R["arch"], "imagenet")
+    model = build_model(
+        R["arch"], 128, "features", stem="imagenet", image_size=size, weights=weights
+    )
+    groups = [
+        {"params": list(model.head.parameters()), "lr": R["lr"]},
+        {"params": list(model.backbone.parameters()), "lr": R["backbone_lr"]},
+    ]
+    return data, model, torch.optim.Adam(groups)
+
+
+def _freeze_bn(model: torch.nn.Module) -> None:
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
 
 
 def plain_loop(args: argparse.Namespace) -> float:
     """Images/s of a textbook PML loop (last epoch)."""
     seed_everything(0)
-    data = load_builtin("train", args.data_root).filter_classes(range(5))
-    mean, std = channel_stats(data)
-    data = data.with_transform(train_transform(28, mean, std, augment=False))
-    model = build_model("small", 128, "features")
+    if args.pretrained:
+        data, model, opt = plain_pretrained_setup(args)
+    else:
+        data = load_builtin("train", args.data_root).filter_classes(range(5))
+        mean, std = channel_stats(data)
+        data = data.with_transform(train_transform(28, mean, std, augment=False))
+        model = build_model("small", 128, "features")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = pml_losses.TripletMarginLoss(margin=0.2)
     miner = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     steps = args.images // args.batch_size
     sampler = MPerClassSampler(
         data.labels,
@@ -65,6 +104,8 @@ def plain_loop(args: argparse.Namespace) -> float:
     rate = 0.0
     for _ in range(args.epochs):
         model.train()
+        if args.pretrained:
+            _freeze_bn(model)
         t0, seen = time.perf_counter(), 0
         for images, labels in loader:
             emb = model.head_embedding(images)
@@ -95,6 +136,12 @@ def framework(args: argparse.Namespace) -> float:
             device="cpu",
             out=out,
         )
+        if args.pretrained:
+            from retrieval.training.recipe import PRETRAINED_RECIPE
+
+            keep = {"epochs", "batch_size", "m_per_class"}
+            recipe = {k: v for k, v in PRETRAINED_RECIPE.items() if k not in keep}
+            cfg = TrainConfig.from_dict(asdict(cfg) | recipe)
         records: list[dict] = []
         # the same number of steps per epoch as the plain loop
         import retrieval.training.loop as train_module

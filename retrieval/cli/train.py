@@ -122,6 +122,11 @@ def train_cmd(
 
         summary = train(cfg, on_step=on_step, on_epoch=on_epoch, resume=resume is not None)
     stop = " (early stop)" if summary["stopped_early"] else ""
+    if summary.get("epoch") == 0:
+        console.print(
+            "no epoch beat the pretrained start on the validation classes: best.pt is the "
+            "starting network (try a lower --backbone-lr, fewer --epochs or more data)"
+        )
     console.print(
         f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['epoch']} "
         f"of {summary['epochs_run']}{stop}); curves: {Path(cfg.out) / 'curves.png'}"

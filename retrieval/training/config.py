@@ -48,6 +48,10 @@ class TrainConfig:
         f"Classes to train on, e.g. 0-4 or cat,dog ('' = all). Default: {SEEN_CLASSES} (the "
         "seen classes) for the built-in dataset, all classes of any other source.",
     )
+    per_class: int | None = _opt(
+        None,
+        "Use at most this many images of each training class (drawn with --seed; default all).",
+    )
     val_fraction: float | None = _opt(
         None,
         f"Share of the training classes' images held out for model selection (closed-set); "
@@ -96,6 +100,16 @@ class TrainConfig:
     )
     m_per_class: int = _opt(32, "K: images of each class in a batch.")
     lr: float = _opt(3e-4, "Adam learning rate (the peak, with a schedule).")
+    backbone_lr: float | None = _opt(
+        None,
+        "Learning rate of the backbone (the peak, with the schedule); the head and the loss "
+        "train at --lr. 0 freezes the backbone. Default: --lr.",
+    )
+    freeze_bn: bool = _opt(
+        False,
+        "Keep the backbone's BatchNorm statistics as they start (pretrained ones) instead of "
+        "re-estimating them from the training batches.",
+    )
     weight_decay: float = _opt(0.0, "Adam weight decay.")
     schedule: str = _opt("constant", "Learning-rate schedule per step: constant | cosine.")
     warmup_epochs: float = _opt(0.0, "Linear learning-rate warm-up, epochs.")
@@ -150,6 +164,10 @@ class TrainConfig:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        if self.backbone_lr is not None and self.backbone_lr < 0:
+            raise UserError(f"backbone_lr must not be negative (0 freezes), got {self.backbone_lr}")
+        if self.per_class is not None and self.per_class < 2:
+            raise UserError(f"per_class must be at least 2 (a positive pair), got {self.per_class}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -219,4 +237,16 @@ def resolve_config(
             raise UserError(f"{path} must hold a mapping of option: value")
         values.update(loaded)
     values.update(given)
+    if values.get("pretrained") is not None:
+        values = pretrained_defaults(values) | values
     return TrainConfig.from_dict(values)
+
+
+def pretrained_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuning recipe's values for a run that starts from a pretrained backbone
+    (:data:`retrieval.training.recipe.PRETRAINED_RECIPE`), except what names the start
+    (backbone, weights, stem) and the image size, which the start or the user chooses."""
+    from retrieval.training.recipe import PRETRAINED_RECIPE
+
+    fixed = ("arch", "pretrained", "stem", "image_size")
+    return {k: v for k, v in PRETRAINED_RECIPE.items() if k not in fixed and k not in values}

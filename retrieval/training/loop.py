@@ -179,10 +179,15 @@ def train(
             baseline = evaluate(net, data.val, procs, 0, cfg.seed)
             rng_state.restore(before)
             if procs.is_main:
+                # a pretrained start is a candidate: best.pt never ends worse than the start
+                selectable = cfg.pretrained is not None and "val_map@r" in baseline
                 history.add_baseline(
                     {"epoch": 0, "baseline": True, **baseline}
-                    | ({"val_classes": data.val_classes} if data.val_classes else {})
+                    | ({"val_classes": data.val_classes} if data.val_classes else {}),
+                    selectable=selectable,
                 )
+                if selectable:
+                    save_start(run, learner, model_config, resolved, data, history)
                 if on_epoch is not None:
                     on_epoch(history.records[-1])
         if procs.is_main:
@@ -381,7 +386,20 @@ def load_training_data(cfg: TrainConfig) -> ImageDataset:
     n_classes = len(np.unique(dataset.labels))
     if n_classes < 2:
         raise UserError(f"training needs at least two classes, the data has {n_classes}")
+    if cfg.per_class is not None:
+        dataset = at_most_per_class(dataset, cfg.per_class, cfg.seed)
     return dataset
+
+
+def at_most_per_class(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
+    """At most ``n`` images of each class, drawn at random with ``seed`` (in dataset order)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(dataset.labels)
+    keep = [
+        rng.choice(where, size=n, replace=False) if len(where) > n else where
+        for where in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    return dataset.subset(np.sort(np.concatenate(keep)))
 
 
 @dataclass
@@ -528,9 +546,21 @@ def build_optimiser(
     cfg: TrainConfig, net: EmbeddingNet, objective: Objective, steps: int, device: torch.device
 ) -> Learner:
     """Adam over the network's and the loss's parameters, the per-step learning-rate schedule,
-    and the AMP gradient scaler (enabled on CUDA only)."""
+    and the AMP gradient scaler (enabled on CUDA only).
+
+    With ``cfg.backbone_lr`` the backbone is a parameter group of its own at that rate (the
+    head and the loss first, at ``cfg.lr``); 0 freezes it (no gradients are computed for it)."""
     params = list(net.parameters()) + list(objective.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.backbone_lr is None:
+        groups: list = params  # one group, as runs before this option was added
+    else:
+        head = list(net.head.parameters()) + list(objective.parameters())
+        groups = [{"params": head, "lr": cfg.lr}]
+        if cfg.backbone_lr > 0:
+            groups.append({"params": list(net.backbone.parameters()), "lr": cfg.backbone_lr})
+        else:
+            net.backbone.requires_grad_(False)
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
     )
@@ -559,6 +589,8 @@ def train_one_epoch(
     """
     learner.trainee.train()
     learner.objective.train()
+    if cfg.freeze_bn:
+        freeze_batchnorm(learner.net.backbone)
     optimizer, scaler = learner.optimizer, learner.scaler
     report = on_step if procs.is_main else None
     steps, device, world = len(loader), procs.device, procs.world_size
@@ -599,6 +631,14 @@ def train_one_epoch(
         "lr": lr,  # of the epoch's last step
         "images_per_s": seen / (time.perf_counter() - t0),
     }
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put ``module``'s BatchNorm layers in evaluation mode: they normalise with their running
+    statistics and stop updating them (their scale and shift still train)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
 
 
 def backward_step(
@@ -693,9 +733,12 @@ class History:
     best: dict = field(default_factory=dict)  #: ``score`` and the best epoch's record
     bad_epochs: int = 0
 
-    def add_baseline(self, record: dict) -> None:
-        """Append the untrained network's record (epoch 0): reported, never selected."""
+    def add_baseline(self, record: dict, selectable: bool = False) -> None:
+        """Append the starting network's record (epoch 0). Reported; the best so far only when
+        ``selectable`` (a pretrained start, which a later epoch must beat to replace)."""
         self.records.append(record)
+        if selectable:
+            self.best = {"score": record["val_map@r"], **record}
 
     def add(self, record: dict) -> bool:
         """Append an epoch's record; True when it is the best so far."""
@@ -715,6 +758,28 @@ class History:
 
 def _write_metrics(run: Path, records: list[dict]) -> None:
     write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_start(
+    run: Path,
+    learner: Learner,
+    model_config: dict,
+    resolved: dict,
+    data: TrainingData,
+    history: History,
+) -> None:
+    """``best.pt`` of the starting network (epoch 0), for a run that must beat it."""
+    record = history.records[-1]
+    save_checkpoint(
+        run / "best.pt",
+        learner.net,
+        model_config,
+        config=resolved,
+        class_names=data.class_names,
+        epoch=0,
+        metrics=record,
+        validation_classes=data.val_classes,
+    )
 
 
 def save_epoch(

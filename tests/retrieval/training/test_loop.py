@@ -306,7 +306,7 @@ def test_every_example_config_is_valid():
     for f in files:
         cfg = TrainConfig.from_dict(yaml.safe_load(f.read_text()))
         cfg.validate()
-        assert cfg.loss == f.stem
+        assert cfg.loss == f.stem or f.stem not in TRAINING_LOSSES
 
 
 def _dataset(per_class: int, classes: int = 5):
