@@ -1,18 +1,25 @@
 """The metadata store of an index folder: SQLite (standard library ``sqlite3``, WAL mode).
 
-One row per live item — id, reference, label (class name), time added, content hash and user
+One row per item — id, reference, label (class name), time added, content hash and user
 fields — with indexes on the columns filters use (:mod:`retrieval.index.filters`), so a filter
-or a look-up by id reads only the rows it needs instead of the whole ``metadata.json``.
+or a look-up by id reads only the rows it needs: opening an index reads no row at all.
 
-**Agreement with the journal.** The journal (:mod:`retrieval.index.journal`) stays the record
-of changes: a change is appended and fsync'd there first, then applied here in one transaction
-that also stores how many bytes of the journal the store now reflects (``meta.applied``). A
-writer killed between the two leaves the store behind the journal, never ahead of it;
-:meth:`MetadataStore.catch_up` applies the lines after ``applied`` on the next open, so the
-two agree again. A transaction cut by a crash is rolled back by SQLite as a whole.
+**Positions.** Each row records the journal position (:mod:`retrieval.index.journal`, bytes)
+after the line that added it (``added_at``; 0 for rows of the snapshot) and after the line that
+removed it (``removed_at``; NULL while it is live). A reader sees the store *as of* a position
+(:attr:`MetadataStore.view`, the journal bytes its FAISS index reflects): rows added later are
+not there yet, rows removed later still are. So a process that opened the folder earlier keeps
+a consistent view while another process changes it, and a damaged journal cut short by
+``retrieval index repair`` is matched by :meth:`MetadataStore.rollback_to`. Removed rows are
+dropped for good by the next snapshot (:meth:`MetadataStore.write_snapshot`).
 
-Not yet used by :class:`~retrieval.index.gallery.GalleryIndex`: the store and its recovery are
-complete and tested on their own; the index folder still reads ``metadata.json``.
+**Agreement with the journal.** The journal stays the record of changes: a change is staged
+here in an open transaction (visible to this connection only, ``added_at`` / ``removed_at`` =
+:data:`STAGED`), appended and fsync'd to the journal, then committed here in the transaction
+that also stores how many bytes of the journal the store reflects (``applied``). A writer
+killed between the two leaves the store behind the journal, never ahead of it: SQLite rolls the
+open transaction back, and the next open that may write applies the lines after ``applied``
+(:meth:`MetadataStore.apply`), so the two agree again.
 """
 
 from __future__ import annotations
@@ -20,19 +27,24 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from retrieval.errors import UserError
-from retrieval.index import journal as wal
+from retrieval.index.manifest import STORE_FILE, STORE_SIDE_FILES
 
-#: The file's name in an index folder.
-STORE_FILE = "metadata.sqlite"
+__all__ = ["STORE_FILE", "STORE_SIDE_FILES", "MetadataStore", "Record", "SnapshotMeta"]
+
 #: The columns a filter may name besides user fields.
 COLUMNS = ("id", "ref", "label", "sha256")
+#: ``added_at`` / ``removed_at`` of a change staged in the open transaction, not yet committed.
+STAGED = -1
+#: SQLite's limit on bound parameters per statement, with room to spare.
+_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -40,10 +52,12 @@ CREATE TABLE IF NOT EXISTS items (
     ref TEXT NOT NULL,
     label TEXT NOT NULL,
     added REAL NOT NULL,
-    sha256 TEXT
+    sha256 TEXT,
+    added_at INTEGER NOT NULL DEFAULT 0,
+    removed_at INTEGER
 );
-CREATE INDEX IF NOT EXISTS items_label ON items (label);
-CREATE INDEX IF NOT EXISTS items_ref ON items (ref);
+CREATE INDEX IF NOT EXISTS items_label ON items (label, added_at, removed_at);
+CREATE INDEX IF NOT EXISTS items_ref ON items (ref, added_at, removed_at);
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
 CREATE TABLE IF NOT EXISTS fields (
     id INTEGER NOT NULL REFERENCES items (id) ON DELETE CASCADE,
@@ -54,6 +68,8 @@ CREATE TABLE IF NOT EXISTS fields (
 CREATE INDEX IF NOT EXISTS fields_name_value ON fields (name, value);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: A row visible at the view (two parameters: the view, twice).
+_LIVE = "added_at <= ? AND (removed_at IS NULL OR removed_at > ?)"
 
 
 @dataclass
@@ -69,24 +85,70 @@ class Record:
     fields: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class SnapshotMeta:
+    """What a snapshot records besides its rows: the class names (label numbers are positions
+    in it), the next free id, the removed ids still in an HNSW graph, and the item count."""
+
+    class_names: list[str]
+    next_id: int
+    tombstones: list[int]
+    count: int
+
+
+def records_of_entry(entry: Mapping) -> list[Record]:
+    """The records of a journal ``add`` entry (content hashes and user fields when it has
+    them)."""
+    n = len(entry["ids"])
+    hashes = entry.get("sha256") or [None] * n
+    fields = entry.get("fields") or [{}] * n
+    return [
+        Record(int(i), str(r), str(lab), float(entry["added"]), h, dict(f))
+        for i, r, lab, h, f in zip(
+            entry["ids"], entry["refs"], entry["labels"], hashes, fields, strict=True
+        )
+    ]
+
+
 class MetadataStore:
     """The items of an index in SQLite (see the module docstring).
 
+    One connection, shared by the caller's threads under an internal lock (the service's
+    read/write lock orders changes against searches).
+
     Args:
-        path: the database file (created when missing).
+        path: the database file (created when missing), or None for a private in-memory
+            store (an index built but not yet saved, or a folder opened read-only that has no
+            store yet).
+        read_only: open the file without ever writing it.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        # one connection, used under the caller's locks (the service's read/write lock)
-        self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
+    def __init__(self, path: str | os.PathLike | None, read_only: bool = False):
+        self.path = None if path is None else Path(path)
+        self.read_only = read_only
+        #: the journal position reads are made at (see the module docstring)
+        self.view = 0
+        self._lock = threading.RLock()
+        if self.path is None:
+            target, uri = ":memory:", False
+        elif read_only:
+            target, uri = f"file:{self.path}?mode=ro", True
+        else:
+            target, uri = str(self.path), False
+        self._con = sqlite3.connect(
+            target, isolation_level=None, check_same_thread=False, uri=uri, timeout=30
+        )
+        if not read_only:
+            if self.path is not None:
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
+            self._con.executescript(_SCHEMA)
         self._con.execute("PRAGMA foreign_keys=ON")
-        self._con.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self._con.close()
+        """Close the connection; a transaction still open is rolled back."""
+        with self._lock:
+            self._con.close()
 
     def __enter__(self) -> MetadataStore:
         return self
@@ -98,57 +160,115 @@ class MetadataStore:
 
     @property
     def journal_mode(self) -> str:
-        return self._con.execute("PRAGMA journal_mode").fetchone()[0]
+        return self._query("PRAGMA journal_mode")[0][0]
 
     @property
     def applied(self) -> int:
-        """Bytes of the journal this store reflects."""
-        row = self._con.execute("SELECT value FROM meta WHERE key = 'applied'").fetchone()
-        return int(row[0]) if row else 0
+        """Bytes of the journal this store reflects (committed)."""
+        value = self._meta("applied")
+        return int(value) if value is not None else 0
 
-    def __len__(self) -> int:
-        return self._con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+    @property
+    def changed(self) -> bool:
+        """Whether rows changed since the snapshot was written (its checksum then no longer
+        applies)."""
+        return self._meta("changed") == "1"
+
+    def snapshot_meta(self) -> SnapshotMeta | None:
+        """What the snapshot recorded (None for a store without one)."""
+        raw = self._meta("snapshot")
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        return SnapshotMeta(
+            [str(c) for c in doc["class_names"]],
+            int(doc["next_id"]),
+            [int(i) for i in doc["tombstones"]],
+            int(doc["count"]),
+        )
 
     def get(self, ids: Iterable[int]) -> list[Record]:
-        """The records of these ids that exist, in the order given."""
+        """The records of these ids visible at :attr:`view`, in the order given."""
         ids = [int(i) for i in ids]
         found: dict[int, Record] = {}
-        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._con.execute(
-                f"SELECT id, ref, label, added, sha256 FROM items WHERE id IN ({marks})", chunk
-            ):
-                found[row[0]] = Record(*row)
-            for i, name, value in self._con.execute(
-                f"SELECT id, name, value FROM fields WHERE id IN ({marks})", chunk
-            ):
-                found[i].fields[name] = value
+        with self._lock:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._con.execute(
+                    f"SELECT id, ref, label, added, sha256 FROM items WHERE id IN ({marks}) "
+                    f"AND {_LIVE}",
+                    [*chunk, self.view, self.view],
+                ).fetchall()
+                for row in rows:
+                    found[row[0]] = Record(*row)
+                if rows:
+                    for i, name, value in self._con.execute(
+                        f"SELECT id, name, value FROM fields WHERE id IN ({marks})", chunk
+                    ).fetchall():
+                        if i in found:
+                            found[i].fields[name] = value
         return [found[i] for i in ids if i in found]
 
+    def live(self, ids: Iterable[int]) -> set[int]:
+        """Those of ``ids`` visible at :attr:`view`."""
+        ids = [int(i) for i in ids]
+        out: set[int] = set()
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id FROM items WHERE id IN ({marks}) AND {_LIVE}"
+            out.update(r[0] for r in self._query(sql, [*chunk, self.view, self.view]))
+        return out
+
+    def scan(self) -> Iterator[tuple[int, str, str, float]]:
+        """``(id, ref, label, added)`` of every visible row, by id (reads every row: for
+        exports and maintenance, never for a search)."""
+        yield from self._query(
+            f"SELECT id, ref, label, added FROM items WHERE {_LIVE} ORDER BY id",
+            (self.view, self.view),
+        )
+
+    def first_id(self) -> int | None:
+        """The smallest visible id (None when there is none)."""
+        rows = self._query(
+            f"SELECT id FROM items WHERE {_LIVE} ORDER BY id LIMIT 1", (self.view, self.view)
+        )
+        return rows[0][0] if rows else None
+
     def label_counts(self) -> dict[str, int]:
-        rows = self._con.execute("SELECT label, COUNT(*) FROM items GROUP BY label ORDER BY label")
-        return dict(rows.fetchall())
+        """Visible rows per label (read from the label index alone)."""
+        rows = self._query(
+            f"SELECT label, COUNT(*) FROM items WHERE {_LIVE} GROUP BY label",
+            (self.view, self.view),
+        )
+        return dict(rows)
 
     def field_names(self) -> list[str]:
         """The filterable names: the columns and every user field in use."""
-        rows = self._con.execute("SELECT DISTINCT name FROM fields ORDER BY name")
+        rows = self._query("SELECT DISTINCT name FROM fields ORDER BY name")
         return list(COLUMNS) + [r[0] for r in rows]
 
     def matching_ids(self, where: Mapping[str, object]) -> np.ndarray:
-        """Sorted ids of the items matching a filter (:mod:`retrieval.index.filters`: AND
-        across fields, OR within a field's values); columns and user fields alike, by their
-        indexes.
+        """Sorted ids of the visible items matching a filter (:mod:`retrieval.index.filters`:
+        AND across fields, OR within a field's values); columns and user fields alike, by
+        their indexes.
 
         Raises:
             UserError: a field that is neither a column nor a user field in use.
         """
-        clauses, params = [], []
-        names = self.field_names()
+        clauses, params = [_LIVE], [self.view, self.view]
+        names = None
         for name, given in where.items():
             values = list(given) if isinstance(given, list | tuple | set) else [given]
-            if name not in names:
-                raise UserError(f"cannot filter on {name!r}; the fields are: {', '.join(names)}")
+            if name not in COLUMNS:
+                names = names or self.field_names()
+                if name not in names:
+                    raise UserError(
+                        f"cannot filter on {name!r}; the fields are: {', '.join(names)}"
+                    )
+            if not values:
+                return np.zeros(0, dtype=np.int64)
             marks = ",".join("?" * len(values))
             if name in COLUMNS:
                 clauses.append(f"{name} IN ({marks})")
@@ -158,118 +278,195 @@ class MetadataStore:
                     f"id IN (SELECT id FROM fields WHERE name = ? AND value IN ({marks}))"
                 )
                 params += [name] + [str(v) for v in values]
-        sql = "SELECT id FROM items" + (" WHERE " + " AND ".join(clauses) if clauses else "")
-        rows = self._con.execute(sql + " ORDER BY id", params).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        sql = "SELECT id FROM items WHERE " + " AND ".join(clauses) + " ORDER BY id"
+        with self._lock:
+            cur = self._con.execute(sql, params)
+            out = np.fromiter((r[0] for r in cur), dtype=np.int64)
+        return out
 
     # ---------------------------------------------------------------------------- changes
 
-    def insert(self, records: Sequence[Record], applied: int | None = None) -> None:
-        """Add records (and set ``applied``) in one transaction."""
-        with self._transaction():
-            self._insert(records)
-            if applied is not None:
-                self._set_applied(applied)
+    def stage_add(self, records: Sequence[Record]) -> None:
+        """Insert rows in the open transaction (begun when none is), marked :data:`STAGED`."""
+        with self._lock:
+            self._begin()
+            self._insert(records, STAGED)
 
-    def delete(self, ids: Sequence[int], applied: int | None = None) -> None:
-        """Remove records by id (and set ``applied``) in one transaction."""
-        with self._transaction():
-            self._con.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
-            if applied is not None:
-                self._set_applied(applied)
-
-    def catch_up(self, journal: str | os.PathLike) -> int:
-        """Apply the journal's entries after :attr:`applied`, each in its own transaction with
-        its end offset; returns how many were applied. A torn last line is left alone (it was
-        never acknowledged).
-
-        Raises:
-            UserError: the journal is shorter than :attr:`applied` (another journal), or holds
-                a damaged line with more after it.
-        """
-        journal = Path(journal)
-        data = journal.read_bytes() if journal.is_file() else b""
-        pos = self.applied
-        if pos > len(data):
-            raise UserError(
-                f"{self.path} reflects {pos} bytes of {journal}, which has {len(data)}: they "
-                "belong to different indexes; rebuild the index"
+    def stage_remove(self, ids: Sequence[int]) -> None:
+        """Mark rows removed in the open transaction (begun when none is)."""
+        with self._lock:
+            self._begin()
+            self._con.executemany(
+                "UPDATE items SET removed_at = ? WHERE id = ? AND removed_at IS NULL",
+                [(STAGED, int(i)) for i in ids],
             )
-        n = 0
-        while pos < len(data):
-            end = data.find(b"\n", pos)
-            if end < 0:
-                break  # torn: never acknowledged
-            entry = wal.parse_line(data[pos:end])
-            if entry is None:
-                if end + 1 < len(data):  # more after it: damage, not a torn last line
-                    raise UserError(
-                        f"{journal} is damaged at byte {pos}; run retrieval index repair"
-                    )
-                break
-            self.apply(entry, end + 1)
-            pos, n = end + 1, n + 1
-        return n
+
+    def commit(self, entries: Sequence[tuple[dict, int]], applied: int) -> None:
+        """Commit the open transaction: each staged change gets the journal position after
+        its line (``entries``: ``(journal entry, end offset)``), and ``applied`` is stored in
+        the same transaction."""
+        with self._lock:
+            self._begin()
+            for entry, end in entries:
+                column = "added_at" if entry["op"] == "add" else "removed_at"
+                self._con.executemany(
+                    f"UPDATE items SET {column} = ? WHERE id = ? AND {column} = ?",
+                    [(int(end), int(i), STAGED) for i in entry["ids"]],
+                )
+            self._set_meta("applied", str(int(applied)))
+            self._set_meta("changed", "1")
+            self._con.execute("COMMIT")
+
+    def discard(self) -> None:
+        """Roll back the open transaction (changes that never reached the journal)."""
+        with self._lock:
+            if self._con.in_transaction:
+                self._con.execute("ROLLBACK")
+
+    @property
+    def staging(self) -> bool:
+        """Whether a transaction with staged changes is open."""
+        return self._con.in_transaction
 
     def apply(self, entry: dict, applied: int) -> None:
         """One journal entry (``add`` or ``remove``) and the offset after it, in one
-        transaction."""
+        transaction (catching up with the journal).
+
+        Raises:
+            UserError: an unknown operation.
+        """
         if entry["op"] == "add":
-            records = [
-                Record(int(i), str(r), str(lab), float(entry["added"]))
-                for i, r, lab in zip(entry["ids"], entry["refs"], entry["labels"], strict=True)
-            ]
-            self.insert(records, applied)
+            self.stage_add(records_of_entry(entry))
         elif entry["op"] == "remove":
-            self.delete(entry["ids"], applied)
+            self.stage_remove(entry["ids"])
         else:
             raise UserError(f"unknown journal operation {entry['op']!r}; rebuild the index")
+        self.commit([(entry, applied)], applied)
 
-    def import_metadata(self, metadata_json: str | os.PathLike) -> int:
-        """Fill an empty store from a ``metadata.json`` (index folders of format 2); returns
-        the number of items."""
-        meta = json.loads(Path(metadata_json).read_text(encoding="utf-8"))
-        names = meta["class_names"]
-        records = [
-            Record(int(it["id"]), str(it["ref"]), names[int(it["label"])], float(it["added"]))
-            for it in meta["items"]
-        ]
-        with self._transaction():
-            if self._con.execute("SELECT COUNT(*) FROM items").fetchone()[0]:
-                raise UserError(f"{self.path} is not empty; it cannot import {metadata_json}")
-            self._insert(records)
-            self._set_applied(0)
-        return len(records)
+    def rollback_to(self, position: int) -> None:
+        """Make the store reflect the journal's first ``position`` bytes only (after the
+        journal was cut there): later additions are deleted, later removals undone."""
+        with self._lock:
+            self._begin()
+            self._con.execute("DELETE FROM items WHERE added_at > ?", (position,))
+            self._con.execute(
+                "UPDATE items SET removed_at = NULL WHERE removed_at > ?", (position,)
+            )
+            self._set_meta("applied", str(int(position)))
+            self._set_meta("changed", "1")
+            self._con.execute("COMMIT")
 
-    def _insert(self, records: Sequence[Record]) -> None:
+    def import_items(self, records: Sequence[Record], meta: SnapshotMeta) -> None:
+        """Fill an empty store with a snapshot's rows (migration from ``metadata.json``).
+
+        Raises:
+            UserError: the store is not empty.
+        """
+        with self._lock:
+            self._begin()
+            try:
+                if self._con.execute("SELECT COUNT(*) FROM items").fetchone()[0]:
+                    raise UserError(f"{self.path} is not empty; it cannot import other items")
+                self._insert(records, 0)
+                self._set_snapshot(meta)
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def write_snapshot(self, dest: Path, meta: SnapshotMeta, staged: Sequence[dict] = ()) -> None:
+        """Write the store as seen at :attr:`view`, plus the ``staged`` journal entries (the
+        changes of the open transaction), to the new file ``dest``: a consistent copy made
+        by SQLite's backup API (never a byte copy of a live database), removed rows dropped,
+        positions reset to 0 for a new, empty journal, closed (checkpointed) when it returns.
+        """
+        with self._lock:
+            if self.path is None:
+                if self._con.in_transaction:  # a private store: nothing to agree with
+                    self._con.execute("COMMIT")
+                source = self._con
+            else:  # the committed state; the open transaction's changes are ``staged``
+                source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+                staged_here = list(staged)
+            try:
+                out = sqlite3.connect(dest, isolation_level=None)
+                source.backup(out)
+            finally:
+                if source is not self._con:
+                    source.close()
+        copy = MetadataStore.__new__(MetadataStore)
+        copy.path, copy.read_only, copy.view, copy._lock, copy._con = (
+            dest,
+            False,
+            self.view,
+            threading.RLock(),
+            out,
+        )
+        try:
+            out.execute("PRAGMA journal_mode=WAL")
+            out.execute("PRAGMA foreign_keys=ON")
+            out.executescript(_SCHEMA)
+            out.execute("BEGIN IMMEDIATE")
+            out.execute("DELETE FROM items WHERE added_at > ?", (self.view,))
+            out.execute("UPDATE items SET removed_at = NULL WHERE removed_at > ?", (self.view,))
+            out.execute("COMMIT")
+            if self.path is not None:
+                for entry in staged_here:
+                    if entry["op"] == "add":
+                        copy.stage_add(records_of_entry(entry))
+                    else:
+                        copy.stage_remove(entry["ids"])
+                if out.in_transaction:
+                    out.execute("COMMIT")
+            out.execute("BEGIN IMMEDIATE")
+            out.execute("DELETE FROM items WHERE removed_at IS NOT NULL")
+            out.execute("UPDATE items SET added_at = 0 WHERE added_at != 0")
+            out.execute("DELETE FROM meta")
+            copy._set_snapshot(meta)
+            out.execute("COMMIT")
+        finally:
+            out.close()
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._con.execute(sql, params).fetchall()
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def _begin(self) -> None:
+        if self.read_only:
+            raise UserError(f"{self.path} was opened read-only")
+        if not self._con.in_transaction:
+            self._con.execute("BEGIN IMMEDIATE")
+
+    def _insert(self, records: Sequence[Record], added_at: int) -> None:
         self._con.executemany(
-            "INSERT INTO items (id, ref, label, added, sha256) VALUES (?, ?, ?, ?, ?)",
-            [(r.id, r.ref, r.label, r.added, r.sha256) for r in records],
+            "INSERT INTO items (id, ref, label, added, sha256, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.id, r.ref, r.label, r.added, r.sha256, added_at) for r in records],
         )
         self._con.executemany(
             "INSERT INTO fields (id, name, value) VALUES (?, ?, ?)",
             [(r.id, k, str(v)) for r in records for k, v in r.fields.items()],
         )
 
-    def _set_applied(self, applied: int) -> None:
+    def _set_snapshot(self, meta: SnapshotMeta) -> None:
+        doc = {
+            "class_names": list(meta.class_names),
+            "next_id": int(meta.next_id),
+            "tombstones": sorted(int(i) for i in meta.tombstones),
+            "count": int(meta.count),
+        }
+        self._set_meta("snapshot", json.dumps(doc))
+        self._set_meta("applied", "0")
+        self._set_meta("changed", "0")
+
+    def _set_meta(self, key: str, value: str) -> None:
         self._con.execute(
-            "INSERT INTO meta (key, value) VALUES ('applied', ?) "
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(int(applied)),),
+            (key, value),
         )
-
-    def _transaction(self):
-        return _Transaction(self._con)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an exception."""
-
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
-
-    def __enter__(self) -> None:
-        self.con.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, *rest) -> None:
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
