@@ -221,6 +221,7 @@ def _open_store(
     store = MetadataStore(path, read_only=read_only)
     try:
         if not store.changed:
+            store.checkpoint()  # a change made behind our back is in the file's bytes then
             _verify(directory, STORE_FILE, manifest.checksums[STORE_FILE])
         meta = store.snapshot_meta()
         if meta is None:

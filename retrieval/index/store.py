@@ -174,6 +174,13 @@ class MetadataStore:
         applies)."""
         return self._meta("changed") == "1"
 
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds into the database file (``wal_checkpoint(TRUNCATE)``), so
+        the file's bytes are its content, e.g. before checking its checksum; nothing for a
+        store opened read-only."""
+        if not self.read_only and self.path is not None:
+            self._query("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def snapshot_meta(self) -> SnapshotMeta | None:
         """What the snapshot recorded (None for a store without one)."""
         raw = self._meta("snapshot")
