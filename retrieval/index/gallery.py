@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -231,7 +232,9 @@ class GalleryIndex:
         count: int | None = None,
     ):
         self.index = index
-        self.store = MetadataStore(None) if store is None else store
+        self._store: MetadataStore | None = MetadataStore(None) if store is None else store
+        self._store_path: Path | None = None  # the store to open on first use (see save)
+        self._store_guard = threading.Lock()
         self.class_names = list(class_names)
         self.manifest = manifest
         if count is None or next_id is None:
@@ -253,6 +256,22 @@ class GalleryIndex:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def store(self) -> MetadataStore:
+        """The items' metadata; after :meth:`save`, the new folder's store, opened on first
+        use (so a folder just written holds only its snapshot's files)."""
+        if self._store is None:
+            with self._store_guard:
+                if self._store is None:
+                    opened = MetadataStore(self._store_path)
+                    opened.view = self._journal_bytes
+                    self._store = opened
+        return self._store
+
+    @store.setter
+    def store(self, store: MetadataStore) -> None:
+        self._store = store
 
     @property
     def items(self) -> ItemsView:
@@ -525,7 +544,7 @@ class GalleryIndex:
             self._folder is not None
             and self._folder == real_path(directory)
             and (directory / INDEX_FILE).is_file()
-            and self.store.path is not None
+            and (self._store is None or self._store.path is not None)
         )
         if appendable:
             limit = max(
@@ -552,7 +571,8 @@ class GalleryIndex:
 
     def close(self) -> None:
         """Close the store (staged changes are discarded)."""
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     def _replay(self, journal: Path, may_write: bool) -> int:
         """Apply the journal's changes to the FAISS index, and those the store has not
@@ -778,7 +798,7 @@ class GalleryIndex:
         write_snapshot(directory, snap, list(self._pending) if self.store.staging else [])
         if self.lists_file is not None:
             self.lists_file = directory / IVFDATA_FILE
-        old, self.store = self.store, MetadataStore(directory / STORE_FILE)
+        old, self._store, self._store_path = self.store, None, directory / STORE_FILE
         old.close()  # its staged changes are in the new folder now
         self._pending.clear()
         self._folder, self._journal_bytes = directory, 0
