@@ -580,28 +580,44 @@ class GalleryIndex:
         writer holding the folder will); returns the journal position reached, in bytes."""
         entries, ends = wal.read_journal_ends(journal)
         applied = self.store.applied
-        good = ends[-1] if ends else 0
         may_write = may_write or self.store.path is None  # a private store follows the journal
-        if applied > good and may_write:  # the journal was cut short (repair)
-            logger.warning(
-                "%s: the store reflected %d bytes of the journal, which now has %d; rolled "
-                "it back to match",
-                journal,
-                applied,
-                good,
-            )
-            self.store.rollback_to(good)
-            applied = good
+        if may_write and applied != (ends[-1] if ends else 0):
+            # decided inside the store's write transaction: a writer may be committing these
+            # very lines now (its transaction is waited for), or may have appended more
+            applied = self.store.begin_catch_up()
+            entries, ends = wal.read_journal_ends(journal)
+            good = ends[-1] if ends else 0
+            if applied > good:  # the journal was cut short (repair)
+                logger.warning(
+                    "%s: the store reflected %d bytes of the journal, which now has %d; "
+                    "rolled it back to match",
+                    journal,
+                    applied,
+                    good,
+                )
+                self.store.rollback_to(good)
+                applied = good
+            elif applied == good:
+                self.store.discard()
+        caught: list[tuple[dict, int]] = []
         position = 0
         for n, (entry, end) in enumerate(zip(entries, ends, strict=True), start=1):
             if end > applied and not may_write:
                 break
             self.store.view = position  # the state before this line
-            catch_up = end > applied
-            self._apply(entry, journal, n, record=catch_up)
-            if catch_up:
-                self.store.commit([(entry, end)], end)
+            record = end > applied
+            self._apply(entry, journal, n, record=record)
+            if record:
+                caught.append((entry, end))
             position = end
+        if caught:  # in one transaction with the journal position
+            self.store.commit(caught, position)
+            logger.warning(
+                "%s: applied %d change(s) the metadata store lacked (a writer stopped between "
+                "the journal and the store)",
+                journal,
+                len(caught),
+            )
         self.store.view = position
         self._pending.clear()
         return position

@@ -350,6 +350,13 @@ class MetadataStore:
             raise UserError(f"unknown journal operation {entry['op']!r}; rebuild the index")
         self.commit([(entry, applied)], applied)
 
+    def begin_catch_up(self) -> int:
+        """Begin a write transaction (waiting for another writer's to end) and return
+        :attr:`applied` as read inside it: what the store lacks is decided there."""
+        with self._lock:
+            self._begin()
+            return self.applied
+
     def rollback_to(self, position: int) -> None:
         """Make the store reflect the journal's first ``position`` bytes only (after the
         journal was cut there): later additions are deleted, later removals undone."""
