@@ -221,34 +221,39 @@ class MetadataStore:
         """Those of ``ids`` visible at :attr:`view`."""
         ids = [int(i) for i in ids]
         out: set[int] = set()
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT id FROM items WHERE id IN ({marks}) AND {_LIVE}"
-            out.update(r[0] for r in self._query(sql, [*chunk, self.view, self.view]))
+        with self._lock:  # the view is read under the lock too (a commit moves it)
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT id FROM items WHERE id IN ({marks}) AND {_LIVE}"
+                out.update(r[0] for r in self._query(sql, [*chunk, self.view, self.view]))
         return out
 
     def scan(self) -> Iterator[tuple[int, str, str, float]]:
         """``(id, ref, label, added)`` of every visible row, by id (reads every row: for
         exports and maintenance, never for a search)."""
-        yield from self._query(
-            f"SELECT id, ref, label, added FROM items WHERE {_LIVE} ORDER BY id",
-            (self.view, self.view),
-        )
+        with self._lock:
+            rows = self._query(
+                f"SELECT id, ref, label, added FROM items WHERE {_LIVE} ORDER BY id",
+                (self.view, self.view),
+            )
+        yield from rows
 
     def first_id(self) -> int | None:
         """The smallest visible id (None when there is none)."""
-        rows = self._query(
-            f"SELECT id FROM items WHERE {_LIVE} ORDER BY id LIMIT 1", (self.view, self.view)
-        )
+        with self._lock:
+            rows = self._query(
+                f"SELECT id FROM items WHERE {_LIVE} ORDER BY id LIMIT 1", (self.view, self.view)
+            )
         return rows[0][0] if rows else None
 
     def label_counts(self) -> dict[str, int]:
         """Visible rows per label (read from the label index alone)."""
-        rows = self._query(
-            f"SELECT label, COUNT(*) FROM items WHERE {_LIVE} GROUP BY label",
-            (self.view, self.view),
-        )
+        with self._lock:
+            rows = self._query(
+                f"SELECT label, COUNT(*) FROM items WHERE {_LIVE} GROUP BY label",
+                (self.view, self.view),
+            )
         return dict(rows)
 
     def field_names(self) -> list[str]:
@@ -264,7 +269,7 @@ class MetadataStore:
         Raises:
             UserError: a field that is neither a column nor a user field in use.
         """
-        clauses, params = [_LIVE], [self.view, self.view]
+        clauses, params = [_LIVE], [None, None]  # the view, read under the lock below
         names = None
         for name, given in where.items():
             values = list(given) if isinstance(given, list | tuple | set) else [given]
@@ -287,6 +292,7 @@ class MetadataStore:
                 params += [name] + [str(v) for v in values]
         sql = "SELECT id FROM items WHERE " + " AND ".join(clauses) + " ORDER BY id"
         with self._lock:
+            params[:2] = [self.view, self.view]
             cur = self._con.execute(sql, params)
             out = np.fromiter((r[0] for r in cur), dtype=np.int64)
         return out
@@ -311,7 +317,8 @@ class MetadataStore:
     def commit(self, entries: Sequence[tuple[dict, int]], applied: int) -> None:
         """Commit the open transaction: each staged change gets the journal position after
         its line (``entries``: ``(journal entry, end offset)``), and ``applied`` is stored in
-        the same transaction."""
+        the same transaction; :attr:`view` moves to ``applied`` at the same moment, so no
+        read in between misses the changes."""
         with self._lock:
             self._begin()
             for entry, end in entries:
@@ -323,6 +330,7 @@ class MetadataStore:
             self._set_meta("applied", str(int(applied)))
             self._set_meta("changed", "1")
             self._con.execute("COMMIT")
+            self.view = int(applied)
 
     def discard(self) -> None:
         """Roll back the open transaction (changes that never reached the journal)."""
