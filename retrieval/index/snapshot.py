@@ -34,6 +34,7 @@ from retrieval.index.manifest import (
     FORMAT_VERSION,
     INDEX_FILE,
     IVFDATA_FILE,
+    JOURNAL_FILE,
     MANIFEST_FILE,
     METADATA_FILE,
     STORE_FILE,
@@ -41,7 +42,7 @@ from retrieval.index.manifest import (
     is_index_folder,
     read_manifest,
 )
-from retrieval.index.store import MetadataStore, Record, SnapshotMeta
+from retrieval.index.store import MetadataStore, Record, SnapshotMeta, open_in_this_process
 
 _FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -209,8 +210,13 @@ def _verify(directory: Path, name: str, digest: str) -> None:
 def _open_store(
     directory: Path, manifest: Manifest, read_only: bool
 ) -> tuple[MetadataStore, SnapshotMeta]:
-    """The folder's store and what its snapshot recorded; its checksum is verified while no
-    change has been applied to it since.
+    """The folder's store and what its snapshot recorded.
+
+    Its checksum is verified while no change has been applied to it since the snapshot: the
+    file is read before this process connects to it, and only when no connection of this
+    process is open on it already (see
+    :func:`~retrieval.index.store.open_in_this_process`; that connection's opening verified
+    it) and the journal is empty (else it has almost surely changed).
 
     Raises:
         UserError: missing, damaged, or not the snapshot the manifest describes.
@@ -218,11 +224,16 @@ def _open_store(
     path = directory / STORE_FILE
     if not path.is_file():
         _verify(directory, STORE_FILE, manifest.checksums[STORE_FILE])  # raises: missing
+    journal = directory / JOURNAL_FILE
+    unchanged = not journal.is_file() or journal.stat().st_size == 0
+    digest = file_sha256(path) if unchanged and not open_in_this_process(path) else None
     store = MetadataStore(path, read_only=read_only)
     try:
-        if not store.changed:
-            store.checkpoint()  # a change made behind our back is in the file's bytes then
-            _verify(directory, STORE_FILE, manifest.checksums[STORE_FILE])
+        if digest is not None and digest != manifest.checksums[STORE_FILE] and not store.changed:
+            raise UserError(
+                f"{path} is missing or damaged (checksum mismatch); "
+                "rebuild the index with `retrieval index build`"
+            )
         meta = store.snapshot_meta()
         if meta is None:
             raise ValueError(f"{STORE_FILE} holds no snapshot")

@@ -28,6 +28,7 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,37 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 #: A row visible at the view (two parameters: the view, twice).
 _LIVE = "added_at <= ? AND (removed_at IS NULL OR removed_at > ?)"
+
+#: ``(device, inode)`` of the database files this process has connections to, with how many.
+_open_here: dict[tuple[int, int], int] = {}
+_open_guard = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _forget(key: tuple[int, int]) -> None:
+    with _open_guard:
+        _open_here[key] -= 1
+        if not _open_here[key]:
+            del _open_here[key]
+
+
+def open_in_this_process(path: str | os.PathLike) -> bool:
+    """Whether this process has a connection to the database file ``path``.
+
+    Reading such a file through another file descriptor is unsafe: closing that descriptor
+    drops every POSIX lock this process holds on the file, SQLite's included, and another
+    process may then delete the WAL under its connections (SQLite's "How To Corrupt", 2.2).
+    """
+    key = _file_key(Path(path))
+    with _open_guard:
+        return key is not None and key in _open_here
 
 
 @dataclass
@@ -144,11 +176,20 @@ class MetadataStore:
                 self._con.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
             self._con.executescript(_SCHEMA)
         self._con.execute("PRAGMA foreign_keys=ON")
+        key = None if self.path is None else _file_key(self.path)
+        if key is not None:
+            with _open_guard:
+                _open_here[key] = _open_here.get(key, 0) + 1
+            self._forget = weakref.finalize(self, _forget, key)
+        else:
+            self._forget = None
 
     def close(self) -> None:
         """Close the connection; a transaction still open is rolled back."""
         with self._lock:
             self._con.close()
+            if self._forget is not None:
+                self._forget()
 
     def __enter__(self) -> MetadataStore:
         return self
@@ -173,13 +214,6 @@ class MetadataStore:
         """Whether rows changed since the snapshot was written (its checksum then no longer
         applies)."""
         return self._meta("changed") == "1"
-
-    def checkpoint(self) -> None:
-        """Copy what the WAL holds into the database file (``wal_checkpoint(TRUNCATE)``), so
-        the file's bytes are its content, e.g. before checking its checksum; nothing for a
-        store opened read-only."""
-        if not self.read_only and self.path is not None:
-            self._query("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def snapshot_meta(self) -> SnapshotMeta | None:
         """What the snapshot recorded (None for a store without one)."""
@@ -417,12 +451,13 @@ class MetadataStore:
                 if source is not self._con:
                     source.close()
         copy = MetadataStore.__new__(MetadataStore)
-        copy.path, copy.read_only, copy.view, copy._lock, copy._con = (
+        copy.path, copy.read_only, copy.view, copy._lock, copy._con, copy._forget = (
             dest,
             False,
             self.view,
             threading.RLock(),
             out,
+            None,
         )
         try:
             out.execute("PRAGMA journal_mode=WAL")
