@@ -5,7 +5,8 @@ folder with this code (``metadata.sqlite``) and, when ``--old-code`` names a che
 version that wrote ``metadata.json`` (format 2; e.g. ``git worktree add ../old 4e41b88``), with
 that code too. Each folder is then opened ``--repeats`` times, each time in a fresh process of
 the code that wrote it, which reports: seconds to open (``GalleryIndex.load``), the resident
-memory the open added (peak, ``ru_maxrss``, minus the peak after the imports), and seconds for
+memory the open added (its peak: ``ru_maxrss`` minus the peak after the imports; and what it
+still holds after: resident pages from ``/proc/self/statm``, before and after), and seconds for
 one filtered search (``label`` = one class of 10) with its hits looked up. Both sides run in the
 same invocation, alternating, so the ratio holds on a busy machine. Prints a table and a JSON
 line.
@@ -51,18 +52,22 @@ _OPEN = textwrap.dedent(
     import faiss
     from retrieval.index.gallery import GalleryIndex
     xq = np.random.default_rng(1).normal(size=(1, int(sys.argv[2]))).astype(np.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def rss_kb():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() // 1024
+    base, rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kb()
     t0 = time.perf_counter()
     index = GalleryIndex.load(sys.argv[1])
     open_s = time.perf_counter() - t0
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    held = rss_kb() - rss0
     t0 = time.perf_counter()
     d, i = index.search(xq, 10, where={"label": "class3"})
     hits = index.hits(d[0], i[0])
     search_s = time.perf_counter() - t0
     assert len(hits) == 10 and {h.label for h in hits} == {"class3"}, hits
-    print(json.dumps({"open_s": open_s, "open_mb": grown / 1024, "search_s": search_s,
-                      "items": len(index)}))
+    print(json.dumps({"open_s": open_s, "open_mb": grown / 1024, "held_mb": held / 1024,
+                      "search_s": search_s, "items": len(index)}))
     """
 )
 
@@ -124,13 +129,14 @@ def main(args: argparse.Namespace) -> dict:
             out["sides"][name] = {
                 "open_s": statistics.median(r["open_s"] for r in runs[name]),
                 "open_mb": statistics.median(r["open_mb"] for r in runs[name]),
+                "held_mb": statistics.median(r["held_mb"] for r in runs[name]),
                 "search_s": statistics.median(r["search_s"] for r in runs[name]),
                 "folder_mb": _folder_mb(folder),
             }
-    print(f"{'':16}{'open s':>9}{'open MB':>9}{'search ms':>11}{'folder MB':>11}")
+    print(f"{'':16}{'open s':>9}{'peak MB':>9}{'held MB':>9}{'search ms':>11}{'folder MB':>11}")
     for name, r in out["sides"].items():
         print(
-            f"{name:16}{r['open_s']:9.3f}{r['open_mb']:9.1f}"
+            f"{name:16}{r['open_s']:9.3f}{r['open_mb']:9.1f}{r['held_mb']:9.1f}"
             f"{r['search_s'] * 1000:11.2f}{r['folder_mb']:11.1f}"
         )
     print(json.dumps(out))
