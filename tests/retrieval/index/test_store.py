@@ -309,3 +309,29 @@ def test_a_snapshot_of_an_open_store_holds_its_committed_and_staged_changes(save
     loaded = GalleryIndex.load(folder)
     assert len(loaded) == 51 and 3 not in loaded.items and loaded.items[51].label == 1
     assert is_index_folder(folder)
+
+
+def test_content_hashes_and_user_fields_are_journaled_and_snapshotted(saved_index):
+    folder, index = saved_index
+    digest = "ab" * 32
+    index.add(
+        np.ones((2, 8), np.float32),
+        ["/a.png", "/b.png"],
+        [0, 1],
+        [digest, None],
+        [
+            {"shop": "north"},
+            {},
+        ],
+    )
+    index.commit(folder)
+    entry = json.loads((folder / "journal.jsonl").read_bytes().split(b" ", 1)[1])
+    assert entry["sha256"] == [digest, None] and entry["fields"] == [{"shop": "north"}, {}]
+    for opened in (GalleryIndex.load(folder), None):
+        if opened is None:  # after a new snapshot
+            index.save(folder)
+            opened = GalleryIndex.load(folder)
+        a, b = opened.store.get([50, 51])
+        assert (a.sha256, a.fields, b.sha256, b.fields) == (digest, {"shop": "north"}, None, {})
+        assert opened.store.matching_ids({"shop": "north"}).tolist() == [50]
+        assert opened.store.matching_ids({"sha256": digest}).tolist() == [50]
