@@ -334,10 +334,11 @@ class MetadataStore:
     # ---------------------------------------------------------------------------- changes
 
     def stage_add(self, records: Sequence[Record]) -> None:
-        """Insert rows in the open transaction (begun when none is), marked :data:`STAGED`."""
+        """Insert rows in the open transaction (begun when none is), marked :data:`STAGED`
+        (a private store, which follows no journal, puts them at position 0 at once)."""
         with self._lock:
             self._begin()
-            self._insert(records, STAGED)
+            self._insert(records, STAGED if self.path is not None else 0)
 
     def stage_remove(self, ids: Sequence[int]) -> None:
         """Mark rows removed in the open transaction (begun when none is)."""
