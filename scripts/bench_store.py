@@ -1,15 +1,15 @@
 """Open time and memory of an index folder: the SQLite metadata store against ``metadata.json``.
 
-Builds one gallery of random vectors (``--items``, ``--dim``; Flat), writes it as an index
-folder with this code (``metadata.sqlite``) and, when ``--old-code`` names a checkout of a
-version that wrote ``metadata.json`` (format 2; e.g. ``git worktree add ../old 4e41b88``), with
-that code too. Each folder is then opened ``--repeats`` times, each time in a fresh process of
-the code that wrote it, which reports: seconds to open (``GalleryIndex.load``), the resident
-memory the open added (its peak: ``ru_maxrss`` minus the peak after the imports; and what it
-still holds after: resident pages from ``/proc/self/statm``, before and after), and seconds for
-one filtered search (``label`` = one class of 10) with its hits looked up. Both sides run in the
-same invocation, alternating, so the ratio holds on a busy machine. Prints a table and a JSON
-line.
+Builds one gallery of random vectors (``--items``, ``--dim``; Flat) and writes it as an index
+folder (timing ``save``) with this code (``metadata.sqlite``). When ``--old-code`` names a
+checkout of a version that wrote ``metadata.json`` (format 2; e.g. the files of commit 4e41b88:
+``git archive 4e41b88 | tar -x -C ../old``), that code writes one too. Each folder is then
+opened ``--repeats`` times, each time in a fresh process of the code that wrote it, which
+reports: seconds to open (``GalleryIndex.load``); the resident memory the open added, at its
+peak (``ru_maxrss`` minus the peak after the imports) and held after it (resident pages from
+``/proc/self/statm``, before and after); and seconds for one filtered search (``label`` = one
+class of 10) with its hits looked up. Both sides run in the same invocation, alternating, so
+the ratio holds on a busy machine. Prints a table and a JSON line.
 
 Example::
 
@@ -33,14 +33,17 @@ REPO = Path(__file__).resolve().parent.parent
 #: Builds and saves the index (in the process of the code under test).
 _BUILD = textwrap.dedent(
     """
-    import sys
+    import json, sys, time
     import numpy as np
     from retrieval.index.gallery import GalleryIndex
     xb = np.load(sys.argv[1])
     n = len(xb)
     labels = np.arange(n) % 10
     refs = [f"/photos/shop-{i % 97:02d}/image-{i:08d}.jpg" for i in range(n)]
-    GalleryIndex.build(xb, refs, labels, [f"class{c}" for c in range(10)]).save(sys.argv[2])
+    index = GalleryIndex.build(xb, refs, labels, [f"class{c}" for c in range(10)])
+    t0 = time.perf_counter()
+    index.save(sys.argv[2])
+    print(json.dumps({"save_s": time.perf_counter() - t0}))
     """
 )
 
@@ -118,8 +121,9 @@ def main(args: argparse.Namespace) -> dict:
         sides = {"sqlite store": (REPO, work / "store")}
         if args.old_code is not None:
             sides["metadata.json"] = (args.old_code.resolve(), work / "json")
-        for repo, folder in sides.values():
-            _run(_BUILD, repo, str(vectors), str(folder))
+        saved = {}
+        for name, (repo, folder) in sides.items():
+            saved[name] = json.loads(_run(_BUILD, repo, str(vectors), str(folder)))["save_s"]
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for _ in range(args.repeats):  # alternating: both sides see the same machine load
             for name, (repo, folder) in sides.items():
@@ -132,12 +136,16 @@ def main(args: argparse.Namespace) -> dict:
                 "held_mb": statistics.median(r["held_mb"] for r in runs[name]),
                 "search_s": statistics.median(r["search_s"] for r in runs[name]),
                 "folder_mb": _folder_mb(folder),
+                "save_s": saved[name],
             }
-    print(f"{'':16}{'open s':>9}{'peak MB':>9}{'held MB':>9}{'search ms':>11}{'folder MB':>11}")
+    print(
+        f"{'':16}{'open s':>9}{'peak MB':>9}{'held MB':>9}{'search ms':>11}{'folder MB':>11}"
+        f"{'save s':>9}"
+    )
     for name, r in out["sides"].items():
         print(
             f"{name:16}{r['open_s']:9.3f}{r['open_mb']:9.1f}{r['held_mb']:9.1f}"
-            f"{r['search_s'] * 1000:11.2f}{r['folder_mb']:11.1f}"
+            f"{r['search_s'] * 1000:11.2f}{r['folder_mb']:11.1f}{r['save_s']:9.2f}"
         )
     print(json.dumps(out))
     return out
