@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS fields (
 CREATE INDEX IF NOT EXISTS fields_name_value ON fields (name, value);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: The indexes of the ``items`` table.
+_ITEM_INDEXES = ("items_label", "items_ref", "items_sha256")
 #: A row visible at the view (two parameters: the view, twice).
 _LIVE = "added_at <= ? AND (removed_at IS NULL OR removed_at > ?)"
 
@@ -424,7 +426,12 @@ class MetadataStore:
             try:
                 if self._con.execute("SELECT COUNT(*) FROM items").fetchone()[0]:
                     raise UserError(f"{self.path} is not empty; it cannot import other items")
+                for name in _ITEM_INDEXES:  # built once after the rows: faster than row by row
+                    self._con.execute(f"DROP INDEX {name}")
                 self._insert(records, 0)
+                for statement in _SCHEMA.split(";"):
+                    if "CREATE INDEX" in statement and "ON items " in statement:
+                        self._con.execute(statement)
                 self._set_snapshot(meta)
             except BaseException:
                 self._con.execute("ROLLBACK")
