@@ -445,7 +445,9 @@ class SearchService:
         except BaseException:
             logger.exception("saving %s failed; reloading the last saved state", self.index_dir)
             with self._rw.write():  # the store's staged change is dropped before reloading
-                self.index.close()
-                self.index = GalleryIndex.load(self.index_dir)
+                self.index.discard()
+                reloaded = GalleryIndex.load(self.index_dir)
+                self.index, old = reloaded, self.index
+                old.close()
             raise
         logger.debug("saved %s in %.3f s", self.index_dir, time.perf_counter() - t0)
