@@ -85,7 +85,7 @@ def build_in_parts(
         train(index, sample, seed)
         del sample
     manifest = new_manifest(metric, dim, index_type, model_sha256, model_path, preprocessing)
-    out = cls(index, [], class_names, manifest, next_id=0)
+    out = cls(index, None, class_names, manifest, next_id=0, count=0)
     if on_disk is not None and out.family != "ivf":
         raise UserError(
             f"an on-disk index keeps IVF inverted lists on disk; {index_type} "

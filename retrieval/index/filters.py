@@ -15,6 +15,8 @@ twice keeps the values both allow). A value holding a comma is written as a JSON
 instead: ``{"label": ["a,b", "c"]}``. Unknown fields and unknown labels are errors that name the
 valid ones: a misspelt label would otherwise silently return nothing.
 
+The matching ids come from one SQL query on the index's metadata store
+(:mod:`retrieval.index.store`), which reads the rows its indexes point to, not every item.
 The search itself is filtered inside FAISS (:func:`id_selector`): the index visits only ids the
 selector accepts, so ``k`` matching items come back whatever their share of the gallery, with
 no over-fetching. Removed items (HNSW tombstones) are never live items, so the selector of a
@@ -100,7 +102,9 @@ def thaw(frozen: tuple | None) -> dict[str, list[str]] | None:
 
 
 def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
-    """Ids ``(m,)`` of the live items of ``index`` that match ``where``, in the items' order.
+    """Ids ``(m,)`` of the live items of ``index`` that match ``where``, ascending: the filter
+    is checked here, then run as one SQL query on the index's store, by its indexes
+    (:meth:`retrieval.index.store.MetadataStore.matching_ids`).
 
     Raises:
         UserError: an unknown field, an unknown label, or an id that is not a whole number.
@@ -108,31 +112,25 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
     unknown = [f for f in where if f not in FIELDS]
     if unknown:
         raise UserError(f"cannot filter on {unknown[0]!r}; the fields are: {', '.join(FIELDS)}")
-    ids, labels = index.columns()
-    keep = np.ones(len(ids), dtype=bool)
+    query: dict[str, list] = {}
     for field, given in where.items():
         values = _as_list(given)
         if field == "label":
-            numbers = {name: n for n, name in enumerate(index.class_names)}
-            missing = [str(v) for v in values if str(v) not in numbers]
+            known = set(index.class_names)
+            missing = [str(v) for v in values if str(v) not in known]
             if missing:
                 shown = ", ".join(index.class_names[:_SHOWN_LABELS])
                 more = " ..." if len(index.class_names) > _SHOWN_LABELS else ""
                 raise UserError(f"no label {missing[0]!r} in this index; its labels: {shown}{more}")
-            wanted = np.zeros(len(index.class_names), dtype=bool)  # a lookup table by label
-            wanted[[numbers[str(v)] for v in values]] = True
-            keep &= wanted[labels]
+            query[field] = [str(v) for v in values]
         elif field == "id":
             try:
-                wanted = np.array([int(str(v)) for v in values], dtype=np.int64)
+                query[field] = [int(str(v)) for v in values]
             except ValueError:
                 raise UserError(f"where: id takes whole numbers, got {values!r}") from None
-            keep &= np.isin(ids, wanted)
         else:  # ref
-            wanted_refs = {str(v) for v in values}
-            refs = (index.items[int(i)].ref for i in ids)
-            keep &= np.fromiter((r in wanted_refs for r in refs), dtype=bool, count=len(ids))
-    return ids[keep]
+            query[field] = [str(v) for v in values]
+    return index.matching_ids(query)
 
 
 def id_selector(ids: np.ndarray, bound: int) -> faiss.IDSelector:

@@ -6,6 +6,8 @@
 - :mod:`retrieval.index.factory`: index types (FAISS factory strings, ``auto``), their families,
   training and search parameters;
 - :mod:`retrieval.index.manifest`: the folder's files and its manifest;
+- :mod:`retrieval.index.store`: the items' metadata (SQLite), looked up by id and filtered in
+  SQL, never read whole;
 - :mod:`retrieval.index.journal`: the write-ahead journal of additions and removals;
 - :mod:`retrieval.index.lock`: the writer lock between processes;
 - :mod:`retrieval.index.shards`: building an index from the shards of ``retrieval embed``.
@@ -29,11 +31,14 @@ index types return approximate scores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -64,16 +69,25 @@ from retrieval.index.knn import (
     normalize,
     user_scores,
 )
+from retrieval.index.lock import may_write
 from retrieval.index.manifest import (
     INDEX_FILE,
     IVFDATA_FILE,
     JOURNAL_FILE,
     METRICS,
+    STORE_FILE,
     Manifest,
     is_index_folder,
     read_manifest,
 )
-from retrieval.index.snapshot import Item, Snapshot, read_snapshot, write_snapshot
+from retrieval.index.snapshot import (
+    Item,
+    Snapshot,
+    migrate_folder,
+    read_snapshot,
+    write_snapshot,
+)
+from retrieval.index.store import MetadataStore, Record
 
 logger = logging.getLogger(__name__)
 
@@ -151,36 +165,84 @@ class Hit:
     ref: str
 
 
+class ItemsView(Mapping[int, Item]):
+    """The live items of a :class:`GalleryIndex` as a read-only mapping ``id -> Item``, read
+    from its store on demand: ``id in items`` and ``items[id]`` look one row up; iterating
+    (``values()``, ``list(items)``) reads every row, for exports and maintenance."""
+
+    def __init__(self, owner: GalleryIndex):
+        self._owner = owner
+
+    def __getitem__(self, item_id: int) -> Item:
+        try:
+            (record,) = self._owner.store.get([int(item_id)])
+        except (ValueError, TypeError):
+            raise KeyError(item_id) from None
+        return self._owner._item(record.id, record.ref, record.label, record.added)
+
+    def __contains__(self, item_id: object) -> bool:
+        try:
+            return bool(self._owner.store.live([int(item_id)]))  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            return False
+
+    def __iter__(self) -> Iterator[int]:
+        return (row[0] for row in self._owner.store.scan())
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def values(self) -> list[Item]:  # type: ignore[override]
+        return [self._owner._item(*row) for row in self._owner.store.scan()]
+
+    def items(self) -> list[tuple[int, Item]]:  # type: ignore[override]
+        return [(it.id, it) for it in self.values()]
+
+
 class GalleryIndex:
     """A FAISS index of gallery embeddings with stable ids and each item's metadata.
 
     Not thread-safe by itself: :class:`retrieval.serving.service.SearchService` adds the locking.
 
+    The metadata lives in a :class:`~retrieval.index.store.MetadataStore`: the folder's
+    ``metadata.sqlite`` once loaded or saved, a private in-memory one for an index just built.
+    Changes are staged in the store's open transaction and committed with the journal
+    (:meth:`commit`); until then :meth:`discard` forgets them.
+
     Args:
         index: a FAISS index whose ids are item ids (see :func:`make_index`).
-        items: the live items.
+        store: the items' metadata; None for a new, empty in-memory store.
         class_names: name of each label.
         manifest: see :class:`Manifest`.
         next_id: the id the next added item gets (ids are never reused).
         tombstones: removed ids still in an HNSW graph.
         read_only: memory-mapped indexes cannot change.
+        count: live items in the store (counted when not given).
     """
 
     def __init__(
         self,
         index: faiss.Index,
-        items: Iterable[Item],
+        store: MetadataStore | None,
         class_names: Sequence[str],
         manifest: Manifest,
         next_id: int | None = None,
         tombstones: Iterable[int] = (),
         read_only: bool = False,
+        count: int | None = None,
     ):
         self.index = index
-        self.items: dict[int, Item] = {it.id: it for it in items}
+        self._store: MetadataStore | None = MetadataStore(None) if store is None else store
+        self._store_path: Path | None = None  # the store to open on first use (see save)
+        self._store_guard = threading.Lock()
         self.class_names = list(class_names)
         self.manifest = manifest
-        self.next_id = max(self.items, default=-1) + 1 if next_id is None else next_id
+        if count is None or next_id is None:
+            ids = [row[0] for row in self.store.scan()]
+            count = len(ids) if count is None else count
+            next_id = max(ids, default=-1) + 1 if next_id is None else next_id
+        self._count = count
+        self.next_id = next_id
         self.tombstones: set[int] = set(tombstones)
         self.read_only = read_only
         self.family = index_family(index)
@@ -189,30 +251,79 @@ class GalleryIndex:
         self._pending: list[dict] = []  # journal entries of changes not yet committed
         self._folder: Path | None = None  # the folder this index was loaded from / saved to
         self._journal_bytes = 0  # length of that folder's journal up to its last good line
-        self._columns: tuple[np.ndarray, np.ndarray] | None = None  # see columns()
+        self._label_counts: dict[str, int] | None = None  # see label_counts()
+        self._numbers: dict[str, int] = {}  # class name -> label number
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self._count
+
+    @property
+    def store(self) -> MetadataStore:
+        """The items' metadata; after :meth:`save`, the new folder's store, opened on first
+        use (so a folder just written holds only its snapshot's files)."""
+        if self._store is None:
+            with self._store_guard:
+                if self._store is None:
+                    opened = MetadataStore(self._store_path)
+                    opened.view = self._journal_bytes
+                    self._store = opened
+        return self._store
+
+    @store.setter
+    def store(self, store: MetadataStore) -> None:
+        self._store = store
+
+    @property
+    def items(self) -> ItemsView:
+        """The live items, ``id -> Item``, looked up in the store (:class:`ItemsView`)."""
+        return ItemsView(self)
+
+    def _item(self, item_id: int, ref: str, label: str, added: float) -> Item:
+        return Item(int(item_id), ref, self._label_number(label), float(added))
+
+    def _label_number(self, name: str) -> int:
+        number = self._numbers.get(name)
+        if number is None:
+            self._numbers = {n: i for i, n in enumerate(self.class_names)}
+            number = self._numbers[name]
+        return number
 
     @property
     def ids(self) -> np.ndarray:
-        return np.fromiter(self.items, dtype=np.int64, count=len(self.items))
+        """Ids ``(n,)`` of the live items, ascending (reads every row)."""
+        return np.fromiter((row[0] for row in self.store.scan()), dtype=np.int64)
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, labels)`` of the live items as arrays ``(n,)``, in the items' order, for
-        filters; made on first use, then kept up to date by :meth:`add_prepared` and
-        :meth:`remove`."""
-        if self._columns is None:
-            self._columns = (self.ids, self.labels)
-        return self._columns
+        """``(ids, labels)`` of the live items as arrays ``(n,)``, by id (reads every row;
+        filters use SQL instead: :meth:`matching_ids`)."""
+        rows = list(self.store.scan())
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return ids, np.array([self._label_number(r[2]) for r in rows], dtype=np.int64)
 
     @property
     def refs(self) -> list[str]:
-        return [it.ref for it in self.items.values()]
+        return [row[1] for row in self.store.scan()]
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([it.label for it in self.items.values()], dtype=np.int64)
+        return self.columns()[1]
+
+    def first_id(self) -> int | None:
+        """The smallest live id (None for an empty index), without reading every row."""
+        return self.store.first_id()
+
+    def label_counts(self) -> dict[str, int]:
+        """Live items per class name, in class order, labels without items left out: counted
+        by SQL once, then kept up to date by :meth:`add_prepared` and :meth:`remove`."""
+        if self._label_counts is None:
+            self._label_counts = self.store.label_counts()
+        counts = self._label_counts
+        return {name: counts[name] for name in self.class_names if counts.get(name)}
+
+    def matching_ids(self, where: Mapping[str, object]) -> np.ndarray:
+        """Sorted ids of the live items matching a checked filter (SQL, by the store's
+        indexes; see :func:`retrieval.index.filters.matching_ids`)."""
+        return self.store.matching_ids(where)
 
     @classmethod
     def build(
@@ -312,69 +423,99 @@ class GalleryIndex:
         return self.class_names.index(name)
 
     def add(
-        self, xb: np.ndarray, refs: Sequence[str], labels: Sequence[int] | np.ndarray
+        self,
+        xb: np.ndarray,
+        refs: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        sha256: Sequence[str | None] | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
     ) -> np.ndarray:
-        """Add vectors ``(n, dim)`` with their references and labels; returns their new ids."""
+        """Add vectors ``(n, dim)`` with their references and labels (and, optionally, the
+        content hash and user fields of each); returns their new ids. The change is staged:
+        :meth:`commit` makes it durable."""
         self._check_writable()
         xb = as_faiss(xb)
         if xb.shape[1] != self.manifest.dim:
             raise UserError(f"vectors have dimension {xb.shape[1]}, the index {self.manifest.dim}")
         if not (len(xb) == len(refs) == len(labels)):
             raise ValueError("xb, refs and labels must have the same length")
+        for extra in (sha256, fields):
+            if extra is not None and len(extra) != len(xb):
+                raise ValueError("sha256 and fields must have one entry per vector")
         if self.manifest.metric == "cosine":
             xb = normalize(xb)
-        ids = self.add_prepared(xb, refs, labels)
-        added = self.items[int(ids[0])].added if len(ids) else time.time()
+        added = time.time()
+        ids = self.add_prepared(xb, refs, labels, added=added, sha256=sha256, fields=fields)
         names = [self.class_names[int(y)] for y in labels]
-        self._pending.append(wal.add_entry(ids, refs, names, added, xb))
+        self._pending.append(wal.add_entry(ids, refs, names, added, xb, sha256, fields))
         return ids
 
     def add_prepared(
-        self, xb: np.ndarray, refs: Sequence[str], labels, into: faiss.Index | None = None
+        self,
+        xb: np.ndarray,
+        refs: Sequence[str],
+        labels,
+        into: faiss.Index | None = None,
+        added: float | None = None,
+        sha256: Sequence[str | None] | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
+        record: bool = True,
     ) -> np.ndarray:
         """Add vectors already prepared for the metric (unit-norm for cosine) under new ids, to
-        ``into`` (default: this index), without a journal entry (building, replaying)."""
+        ``into`` (default: this index), without a journal entry (building, replaying); with
+        ``record`` their rows are staged in the store (replaying a change the store has
+        already applied passes False)."""
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         ids = np.arange(self.next_id, self.next_id + len(xb), dtype=np.int64)
         (self.index if into is None else into).add_with_ids(xb, ids)
-        if self._columns is not None:
-            self._columns = (
-                np.concatenate([self._columns[0], ids]),
-                np.concatenate([self._columns[1], labels]),
+        names = [self.class_names[int(y)] for y in labels]
+        if record:
+            now = time.time() if added is None else added
+            hashes = [None] * len(ids) if sha256 is None else list(sha256)
+            extra = [{}] * len(ids) if fields is None else list(fields)
+            self.store.stage_add(
+                [
+                    Record(int(i), str(r), name, now, h, dict(f))
+                    for i, r, name, h, f in zip(ids, refs, names, hashes, extra, strict=True)
+                ]
             )
-        now = time.time()
-        for i, r, y in zip(ids, refs, labels, strict=True):
-            self.items[int(i)] = Item(int(i), str(r), int(y), now)
+        if self._label_counts is not None:
+            for name in names:
+                self._label_counts[name] = self._label_counts.get(name, 0) + 1
+        self._count += len(ids)
         self.next_id += len(xb)
         return ids
 
-    def remove(self, ids: Iterable[int]) -> int:
-        """Remove items by id; returns how many were removed.
+    def remove(self, ids: Iterable[int], record: bool = True) -> int:
+        """Remove items by id; returns how many were removed. The change is staged:
+        :meth:`commit` makes it durable (``record``: as for :meth:`add_prepared`).
 
         Raises:
             UserError: an id that is not in the index (nothing is removed then).
         """
         self._check_writable()
         ids = sorted({int(i) for i in ids})
-        unknown = [i for i in ids if i not in self.items]
+        live = self.store.live(ids)
+        unknown = [i for i in ids if i not in live]
         if unknown:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise UnknownIdError(f"no item with id {shown} in this index")
         if not ids:
             return 0
+        if self._label_counts is not None:
+            for rec in self.store.get(ids):
+                self._label_counts[rec.label] -= 1
         if self.family == "hnsw":
             self.tombstones.update(ids)
         else:
             removed = self.index.remove_ids(faiss.IDSelectorBatch(np.array(ids, dtype=np.int64)))
             if removed != len(ids):
                 raise RuntimeError(f"FAISS removed {removed} vectors instead of {len(ids)}")
-        for i in ids:
-            del self.items[i]
-        if self._columns is not None:
-            live = ~np.isin(self._columns[0], ids)
-            self._columns = (self._columns[0][live], self._columns[1][live])
+        if record:
+            self.store.stage_remove(ids)
+        self._count -= len(ids)
         if self.family == "hnsw" and len(self.tombstones) > HNSW_COMPACT_FRACTION * max(
             1, self.index.ntotal
         ):
@@ -391,7 +532,8 @@ class GalleryIndex:
         """Make the folder ``directory`` hold this index, durably.
 
         When the folder is the one this index was loaded from or last saved to, the changes
-        since then are appended to its journal (fsync'd) — milliseconds, whatever the index
+        since then are appended to its journal (fsync'd), then committed in its store with
+        the journal's new length in the same transaction — milliseconds, whatever the index
         size; otherwise, or once the journal has grown past
         :data:`~retrieval.index.journal.JOURNAL_COMPACT_FRACTION` of
         ``index.faiss``, the whole folder is written anew (:meth:`save`).
@@ -402,6 +544,7 @@ class GalleryIndex:
             self._folder is not None
             and self._folder == real_path(directory)
             and (directory / INDEX_FILE).is_file()
+            and (self._store is None or self._store.path is not None)
         )
         if appendable:
             limit = max(
@@ -414,28 +557,88 @@ class GalleryIndex:
             return
         if not self._pending:
             return
-        self._journal_bytes = wal.append(journal, self._pending, self._journal_bytes)
+        ends = wal.append_entries(journal, self._pending, self._journal_bytes)
+        self._journal_bytes = ends[-1]
+        self.store.commit(list(zip(self._pending, ends, strict=True)), ends[-1])
+        self.store.view = ends[-1]
         self._pending.clear()
 
-    def _replay(self, journal: Path) -> int:
-        """Apply the journal's changes; returns the length of its good part, in bytes."""
-        entries, good = wal.read_journal(journal)
-        for n, entry in enumerate(entries, start=1):
-            self._apply(entry, journal, n)
+    def discard(self) -> None:
+        """Forget the store's staged changes (those not committed). The FAISS index keeps
+        them: reload the folder to continue."""
+        self.store.discard()
         self._pending.clear()
-        return good
 
-    def _apply(self, entry: dict, journal: Path, line: int) -> None:
+    def close(self) -> None:
+        """Close the store (staged changes are discarded)."""
+        if self._store is not None:
+            self._store.close()
+
+    def _replay(self, journal: Path, may_write: bool) -> int:
+        """Apply the journal's changes to the FAISS index, and those the store has not
+        applied yet to the store too when ``may_write`` (else stop where the store is: the
+        writer holding the folder will); returns the journal position reached, in bytes."""
+        entries, ends = wal.read_journal_ends(journal)
+        applied = self.store.applied
+        may_write = may_write or self.store.path is None  # a private store follows the journal
+        if may_write and applied != (ends[-1] if ends else 0):
+            # decided inside the store's write transaction: a writer may be committing these
+            # very lines now (its transaction is waited for), or may have appended more
+            applied = self.store.begin_catch_up()
+            entries, ends = wal.read_journal_ends(journal)
+            good = ends[-1] if ends else 0
+            if applied > good:  # the journal was cut short (repair)
+                logger.warning(
+                    "%s: the store reflected %d bytes of the journal, which now has %d; "
+                    "rolled it back to match",
+                    journal,
+                    applied,
+                    good,
+                )
+                self.store.rollback_to(good)
+                applied = good
+            elif applied == good:
+                self.store.discard()
+        caught: list[tuple[dict, int]] = []
+        position = 0
+        for n, (entry, end) in enumerate(zip(entries, ends, strict=True), start=1):
+            if end > applied and not may_write:
+                break
+            self.store.view = position  # the state before this line
+            record = end > applied
+            self._apply(entry, journal, n, record=record)
+            if record:
+                caught.append((entry, end))
+            position = end
+        if caught:  # in one transaction with the journal position
+            self.store.commit(caught, position)
+            logger.warning(
+                "%s: applied %d change(s) the metadata store lacked (a writer stopped between "
+                "the journal and the store)",
+                journal,
+                len(caught),
+            )
+        self.store.view = position
+        self._pending.clear()
+        return position
+
+    def _apply(self, entry: dict, journal: Path, line: int, record: bool) -> None:
         try:
             if entry["op"] == "add":
                 xb = wal.entry_vectors(entry, self.manifest.dim)
                 labels = [self.label_id(name) for name in entry["labels"]]
-                ids = self.add_prepared(xb, entry["refs"], labels)
-                for i in ids:
-                    self.items[int(i)] = replace(self.items[int(i)], added=float(entry["added"]))
+                ids = self.add_prepared(
+                    xb,
+                    entry["refs"],
+                    labels,
+                    added=float(entry["added"]),
+                    sha256=entry.get("sha256"),
+                    fields=entry.get("fields"),
+                    record=record,
+                )
                 ok = ids.tolist() == entry["ids"]
             elif entry["op"] == "remove":
-                ok = self.remove(entry["ids"]) == len(entry["ids"])
+                ok = self.remove(entry["ids"], record=record) == len(entry["ids"])
             else:
                 ok = False
         except (KeyError, TypeError, ValueError, UserError, RuntimeError):
@@ -551,15 +754,17 @@ class GalleryIndex:
         return d, np.where(pos >= 0, positions_to_ids[np.maximum(pos, 0)], -1)
 
     def hits(self, d_row: np.ndarray, i_row: np.ndarray) -> list[Hit]:
-        """Turn one row of :meth:`search` output into :class:`Hit` records (ranks from 1)."""
+        """Turn one row of :meth:`search` output into :class:`Hit` records (ranks from 1); the
+        rows of the hits are looked up in the store in one query."""
+        found = {rec.id: rec for rec in self.store.get(int(i) for i in i_row if i >= 0)}
         out = []
         for score, item in zip(d_row, i_row, strict=True):
             if item < 0:
                 continue
-            it = self.items.get(int(item))
-            if it is None:
+            rec = found.get(int(item))
+            if rec is None:
                 raise RuntimeError(f"the FAISS index returned id {item}, unknown to the metadata")
-            out.append(Hit(len(out) + 1, it.id, float(score), self.class_names[it.label], it.ref))
+            out.append(Hit(len(out) + 1, rec.id, float(score), rec.label, rec.ref))
         return out
 
     def describe(self) -> dict:
@@ -588,7 +793,8 @@ class GalleryIndex:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the index folder atomically: the old folder stays whole until the new one is
-        complete.
+        complete. The store is copied by SQLite's backup API, with the staged changes; this
+        index then uses the new folder's store.
 
         Raises:
             UserError: ``directory`` is a file, or a folder that is not an index folder
@@ -597,16 +803,19 @@ class GalleryIndex:
         directory = real_path(directory)  # through a link: the folder itself is replaced
         snap = Snapshot(
             self.index,
-            list(self.items.values()),
+            self.store,
             self.class_names,
             self.manifest,
             self.next_id,
             sorted(self.tombstones),
+            self._count,
             self.lists_file,
         )
-        write_snapshot(directory, snap)
+        write_snapshot(directory, snap, list(self._pending) if self.store.staging else [])
         if self.lists_file is not None:
             self.lists_file = directory / IVFDATA_FILE
+        old, self._store, self._store_path = self.store, None, directory / STORE_FILE
+        old.close()  # its staged changes are in the new folder now
         self._pending.clear()
         self._folder, self._journal_bytes = directory, 0
 
@@ -620,10 +829,16 @@ class GalleryIndex:
     ) -> GalleryIndex:
         """Read an index folder, verifying checksums and (when given) the model and dimension.
 
+        Only the manifest, the FAISS file and the store's snapshot record are read: items are
+        looked up in the store when needed. When this process holds the folder's writer lock
+        or can take it, a store behind the journal (a writer killed between the two) catches
+        up, and a folder of format 2 is migrated to the store; otherwise (another process is
+        writing it) the index is read as of the store's position.
+
         Args:
             mmap: memory-map the FAISS file instead of reading it (``IO_FLAG_MMAP``): the
                 vectors stay on disk and are paged in on demand, for indexes larger than
-                memory. The index is then read-only.
+                memory. The index is then read-only and nothing in the folder is written.
 
         Raises:
             UserError: not an index folder, damaged files, or built with another model.
@@ -632,31 +847,52 @@ class GalleryIndex:
         snap = read_snapshot(directory, model_sha256, dim, mmap)
         out = cls(
             snap.index,
-            snap.items,
+            snap.store,
             snap.class_names,
             snap.manifest,
             snap.next_id,
             snap.tombstones,
             read_only=mmap or snap.lists_file is not None,
+            count=snap.count,
         )
         out.lists_file = snap.lists_file
         journal = directory / JOURNAL_FILE
-        if journal.is_file() and journal.stat().st_size:
-            if mmap:
-                raise UserError(
-                    f"{directory} has changes in {JOURNAL_FILE} not yet in {INDEX_FILE}; "
-                    f"run `retrieval index compact {directory}` before opening it memory-mapped"
-                )
-            try:
-                out._journal_bytes = out._replay(journal)
-            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-                raise UserError(
-                    f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
-                ) from None
+        pending = journal.is_file() and journal.stat().st_size > 0
+        if pending and mmap:
+            out.close()
+            raise UserError(
+                f"{directory} has changes in {JOURNAL_FILE} not yet in {INDEX_FILE}; "
+                f"run `retrieval index compact {directory}` before opening it memory-mapped"
+            )
+        # the writer lock is needed (and taken) only when there is something to write
+        behind = pending and journal.stat().st_size != out.store.applied
+        needs_writing = not mmap and (snap.legacy or behind)
+        try:
+            with may_write(directory) if needs_writing else _no_writing() as writable:
+                if snap.legacy and writable:
+                    out.store = migrate_folder(directory, snap)
+                    snap.store.close()
+                    logger.info("%s: moved metadata.json into %s", directory, STORE_FILE)
+                if pending:
+                    out._journal_bytes = out._replay(journal, writable)
+        except (RuntimeError, KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
+            out.close()
+            raise UserError(
+                f"{directory} is damaged ({str(exc)[:200]}); rebuild the index"
+            ) from None
+        except BaseException:
+            out.close()
+            raise
         out._folder = real_path(directory)
-        if out.index.ntotal != len(out.items) + len(out.tombstones):
+        if out.index.ntotal != len(out) + len(out.tombstones):
+            out.close()
             raise UserError(
                 f"{directory} is damaged: the FAISS index holds {out.index.ntotal} vectors, "
-                f"the metadata {len(out.items)} items; rebuild the index"
+                f"the metadata {len(out)} items; rebuild the index"
             )
         return out
+
+
+@contextlib.contextmanager
+def _no_writing() -> Iterator[bool]:
+    yield False

@@ -2,14 +2,15 @@
 
 Adding one image to a large index appends a line here instead of rewriting the index.
 :meth:`retrieval.index.gallery.GalleryIndex.commit` appends the changes made since
-``index.faiss`` and ``metadata.json`` were written, one line each, and fsyncs the file before
-the change is acknowledged; loading replays them. Once the journal outgrows
-:data:`JOURNAL_COMPACT_FRACTION` of ``index.faiss`` (and :data:`JOURNAL_MIN_BYTES`) the next
-commit folds it into a new snapshot instead.
+``index.faiss`` and the metadata store were written, one line each, and fsyncs the file
+before the store commits the change (:mod:`retrieval.index.store`) and it is acknowledged;
+loading replays them into the FAISS index, and into the store when it is behind. Once the
+journal outgrows :data:`JOURNAL_COMPACT_FRACTION` of ``index.faiss`` (and
+:data:`JOURNAL_MIN_BYTES`) the next commit folds it into a new snapshot instead.
 
 A line is ``SHA256 JSON\\n``: the hex SHA-256 of the JSON, a space, the JSON entry, a newline.
 Entries are ``{"op": "add", "ids", "refs", "labels" (class names), "added", "dim", "vectors"
-(base64 float32)}`` and ``{"op": "remove", "ids"}``.
+(base64 float32), optionally "sha256" and "fields" (per item)}`` and ``{"op": "remove", "ids"}``.
 
 Damage:
 
@@ -69,10 +70,17 @@ def parse_line(line: bytes) -> dict | None:
 
 
 def add_entry(
-    ids: Sequence[int], refs: Sequence[str], labels: Sequence[str], added: float, xb: np.ndarray
+    ids: Sequence[int],
+    refs: Sequence[str],
+    labels: Sequence[str],
+    added: float,
+    xb: np.ndarray,
+    sha256: Sequence[str | None] | None = None,
+    fields: Sequence[dict[str, str]] | None = None,
 ) -> dict:
-    """The entry of an addition: ids, references, class names, time added, vectors ``(n, dim)``."""
-    return {
+    """The entry of an addition: ids, references, class names, time added, vectors
+    ``(n, dim)``, and (when given) content hashes and user fields per item."""
+    entry = {
         "op": "add",
         "ids": [int(i) for i in ids],
         "refs": [str(r) for r in refs],
@@ -81,6 +89,11 @@ def add_entry(
         "dim": int(xb.shape[1]),
         "vectors": base64.b64encode(np.ascontiguousarray(xb, np.float32).tobytes()).decode(),
     }
+    if sha256 is not None and any(h is not None for h in sha256):
+        entry["sha256"] = list(sha256)
+    if fields is not None and any(fields):
+        entry["fields"] = [{str(k): str(v) for k, v in f.items()} for f in fields]
+    return entry
 
 
 def entry_vectors(entry: dict, dim: int) -> np.ndarray:
@@ -95,21 +108,24 @@ def entry_vectors(entry: dict, dim: int) -> np.ndarray:
     return xb.reshape(-1, dim)
 
 
-def _scan(data: bytes) -> tuple[list[dict], int, int | None]:
-    """The entries before the first bad line, the length of their lines in bytes, and the
-    number of the first bad line when more (not blank) follows it, else None."""
+def _scan(data: bytes) -> tuple[list[dict], int, int | None, list[int]]:
+    """The entries before the first bad line, the length of their lines in bytes, the number
+    of the first bad line when more (not blank) follows it (else None), and the offset after
+    each entry's line."""
     entries: list[dict] = []
+    ends: list[int] = []
     good = 0
     lines = data.split(b"\n")
     for n, line in enumerate(lines[:-1], start=1):  # the last piece has no newline
         entry = parse_line(line)
         if entry is None:
             if any(rest.strip() for rest in lines[n:]):
-                return entries, good, n
+                return entries, good, n, ends
             break
         entries.append(entry)
         good += len(line) + 1
-    return entries, good, None
+        ends.append(good)
+    return entries, good, None, ends
 
 
 def read_journal(path: Path) -> tuple[list[dict], int]:
@@ -119,8 +135,19 @@ def read_journal(path: Path) -> tuple[list[dict], int]:
     Raises:
         JournalDamagedError: a damaged line with more after it; the message names the repair.
     """
+    entries, ends = read_journal_ends(path)
+    return entries, ends[-1] if ends else 0
+
+
+def read_journal_ends(path: Path) -> tuple[list[dict], list[int]]:
+    """The entries of a journal and the offset after each one's line (see
+    :func:`read_journal`).
+
+    Raises:
+        JournalDamagedError: a damaged line with more after it; the message names the repair.
+    """
     data = path.read_bytes()
-    entries, good, bad = _scan(data)
+    entries, good, bad, ends = _scan(data)
     if bad is not None:
         raise JournalDamagedError(
             f"{path}, line {bad} is damaged and {len(data) - good:,} bytes from there on cannot "
@@ -133,13 +160,20 @@ def read_journal(path: Path) -> tuple[list[dict], int]:
             "it was never acknowledged)",
             path,
         )
-    return entries, good
+    return entries, ends
 
 
 def append(path: Path, entries: Sequence[dict], good: int) -> int:
     """Append entries after the first ``good`` bytes (dropping a torn line there), fsync'd;
     returns the new good length. On failure nothing of them remains."""
-    lines = b"".join(encode_line(entry) for entry in entries)
+    ends = append_entries(path, entries, good)
+    return ends[-1] if ends else good
+
+
+def append_entries(path: Path, entries: Sequence[dict], good: int) -> list[int]:
+    """:func:`append`, returning the offset after each entry's line."""
+    encoded = [encode_line(entry) for entry in entries]
+    lines = b"".join(encoded)
     new = not path.exists()
     if new:
         good = 0
@@ -156,7 +190,11 @@ def append(path: Path, entries: Sequence[dict], good: int) -> int:
             raise
     if new:
         fsync_dir(path.parent)
-    return good + len(lines)
+    ends, pos = [], good
+    for line in encoded:
+        pos += len(line)
+        ends.append(pos)
+    return ends
 
 
 def repair_journal(directory: str | os.PathLike) -> tuple[int, int]:
@@ -176,7 +214,7 @@ def repair_journal(directory: str | os.PathLike) -> tuple[int, int]:
     if not path.is_file():
         return 0, 0
     data = path.read_bytes()
-    entries, good, _ = _scan(data)
+    entries, good, _, _ = _scan(data)
     dropped = len(data) - good
     if dropped:
         write_bytes(path, data[:good])

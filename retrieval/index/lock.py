@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
-from retrieval.atomic import FolderBusyError, folder_lock, recover_dir
+from retrieval.atomic import FolderBusyError, folder_lock, real_path, recover_dir
 from retrieval.errors import UserError
+
+#: Real paths of the folders whose lock this process holds, with how many times.
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -31,4 +36,36 @@ def index_lock(directory: str | os.PathLike) -> Iterator[None]:
                 "serve`?); change it through that process, or stop it first"
             ) from None
         recover_dir(real, clean=True)
-        yield
+        key = str(real)
+        with _held_guard:
+            _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+                if not _held[key]:
+                    del _held[key]
+
+
+def holds_lock(directory: str | os.PathLike) -> bool:
+    """Whether this process holds the writer lock of the folder (:func:`index_lock`)."""
+    with _held_guard:
+        return str(real_path(directory)) in _held
+
+
+@contextlib.contextmanager
+def may_write(directory: str | os.PathLike) -> Iterator[bool]:
+    """Yield whether this process may write the folder's files now: it holds the writer lock,
+    or takes it for the duration of the block; False when another process holds it (or the
+    lock cannot be made, e.g. in a read-only place)."""
+    if holds_lock(directory):
+        yield True
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(index_lock(directory))
+            ok = True
+        except (UserError, OSError):
+            ok = False
+        yield ok

@@ -3,13 +3,17 @@
 An index is a folder, written atomically (:func:`retrieval.atomic.atomic_dir`):
 
 - ``index.faiss``: the FAISS index; its ids are the item ids;
-- ``metadata.json``: per item its id, reference (image path or built-in reference), label and
-  time added; the class names, the next free id and (HNSW only) the removed ids;
+- ``metadata.sqlite`` (:mod:`retrieval.index.store`; format 3): the metadata store, SQLite
+  in WAL mode: per item its id, reference (image path or built-in reference), label, time
+  added, content hash and user fields; the class names, the next free id and (HNSW only) the
+  removed ids of the snapshot. While it is open SQLite keeps ``metadata.sqlite-wal`` and
+  ``metadata.sqlite-shm`` beside it. Folders of format 2 kept the same in ``metadata.json``
+  (read whole on open); they are migrated on the first open that may write;
 - ``manifest.json`` (:class:`Manifest`): format version, metric, dimension, index type (FAISS
   factory string), item count, the SHA-256 and path of the model checkpoint that produced the
   vectors, the preprocessing, and the SHA-256 of the other files;
-- ``journal.jsonl``: the changes since ``index.faiss`` and ``metadata.json`` were written
-  (:mod:`retrieval.index.journal`);
+- ``journal.jsonl``: the changes since ``index.faiss`` was written
+  (:mod:`retrieval.index.journal`), which the store applies in place as they are made;
 - ``index.ivfdata`` (IVF indexes built with ``on_disk``): the inverted lists, which FAISS
   memory-maps.
 
@@ -27,12 +31,16 @@ from pathlib import Path
 from retrieval.atomic import ensure_present
 from retrieval.errors import UserError
 
-#: Version 2 added index types, stable ids with add/remove, and the time each item was added.
-FORMAT_VERSION = 2
+#: Version 2 added index types, stable ids with add/remove, and the time each item was added;
+#: version 3 the metadata store (``metadata.sqlite`` in place of ``metadata.json``).
+FORMAT_VERSION = 3
 #: ``cosine``: vectors are L2-normalised and compared by inner product; ``l2``: Euclidean.
 METRICS = ("cosine", "l2")
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.json"
+#: The metadata store (:mod:`retrieval.index.store`), and the files SQLite keeps beside it.
+STORE_FILE = "metadata.sqlite"
+STORE_SIDE_FILES = (STORE_FILE + "-wal", STORE_FILE + "-shm")
 MANIFEST_FILE = "manifest.json"
 #: Inverted lists of an on-disk IVF index (FAISS ``OnDiskInvertedLists``).
 IVFDATA_FILE = "index.ivfdata"
@@ -43,10 +51,21 @@ JOURNAL_FILE = "journal.jsonl"
 #: (:mod:`retrieval.evaluation.calibration`), kept across snapshots.
 CALIBRATION_FILE = "calibration.json"
 INDEX_FILES = frozenset(
-    {INDEX_FILE, METADATA_FILE, MANIFEST_FILE, IVFDATA_FILE, JOURNAL_FILE, CALIBRATION_FILE}
+    {
+        INDEX_FILE,
+        METADATA_FILE,
+        STORE_FILE,
+        *STORE_SIDE_FILES,
+        MANIFEST_FILE,
+        IVFDATA_FILE,
+        JOURNAL_FILE,
+        CALIBRATION_FILE,
+    }
 )
-#: Files whose checksum every manifest records (``index.ivfdata`` too when present).
-CHECKSUMMED_FILES = (INDEX_FILE, METADATA_FILE)
+#: Files whose checksum every manifest records (``index.ivfdata`` too when present), by
+#: format: the store's checksum is that of the snapshot as written.
+CHECKSUMMED_FILES = (INDEX_FILE, STORE_FILE)
+LEGACY_CHECKSUMMED_FILES = (INDEX_FILE, METADATA_FILE)
 #: Index type used when none is given: exact search.
 DEFAULT_INDEX_TYPE = "Flat"
 
@@ -111,7 +130,8 @@ def _check_fields(m: Manifest) -> None:
         isinstance(k, str) and isinstance(v, str) for k, v in m.checksums.items()
     ):
         raise ValueError("checksums must map file names to SHA-256 digests")
-    missing = [name for name in CHECKSUMMED_FILES if name not in m.checksums]
+    required = CHECKSUMMED_FILES if m.format_version >= 3 else LEGACY_CHECKSUMMED_FILES
+    missing = [name for name in required if name not in m.checksums]
     if missing:
         raise ValueError(f"no checksum for {', '.join(missing)}")
     unknown = set(m.checksums) - INDEX_FILES
@@ -122,8 +142,9 @@ def _check_fields(m: Manifest) -> None:
 def read_manifest(directory: str | os.PathLike) -> Manifest:
     """The manifest of an index folder, with a clear error when it is not one.
 
-    Every field is checked for type, and the checksums of ``index.faiss`` and
-    ``metadata.json`` must be there: a manifest without them would turn verification off.
+    Every field is checked for type, and the checksums of ``index.faiss`` and the metadata
+    (``metadata.sqlite``, or ``metadata.json`` before format 3) must be there: a manifest
+    without them would turn verification off.
 
     Raises:
         UserError: no such folder, not an index folder, written by a newer version, or a

@@ -284,7 +284,7 @@ class SearchService:
             x = torch.zeros((n, 3, s, s), dtype=torch.uint8)
             self.search_batch([Query(self.prepare(img), 1) for img in x])
         with self._rw.read():
-            first = next(iter(self.index.items), None)
+            first = self.index.first_id()
         if first is not None:  # "more like this" reads items: a built-in set is loaded once
             try:
                 self.image(first)
@@ -391,11 +391,7 @@ class SearchService:
         """How many live items carry each label, by class name (labels without items left
         out)."""
         with self._rw.read():
-            labels = self.index.columns()[1]
-            counts = np.bincount(labels, minlength=len(self.index.class_names))
-            return {
-                name: int(n) for name, n in zip(self.index.class_names, counts, strict=False) if n
-            }
+            return self.index.label_counts()
 
     def stats(self) -> dict:
         with self._rw.read():
@@ -448,8 +444,10 @@ class SearchService:
                 self.index.commit(self.index_dir)
         except BaseException:
             logger.exception("saving %s failed; reloading the last saved state", self.index_dir)
-            reloaded = GalleryIndex.load(self.index_dir)
-            with self._rw.write():
-                self.index = reloaded
+            with self._rw.write():  # the store's staged change is dropped before reloading
+                self.index.discard()
+                reloaded = GalleryIndex.load(self.index_dir)
+                self.index, old = reloaded, self.index
+                old.close()
             raise
         logger.debug("saved %s in %.3f s", self.index_dir, time.perf_counter() - t0)

@@ -1,6 +1,10 @@
-"""A small saved index shared by the tests of the index's files."""
+"""A small saved index, and copies of folders written by older versions, shared by the
+tests of the index's files."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,3 +23,19 @@ def saved_index(tmp_path):
     folder = tmp_path / "index"
     index.save(folder)
     return folder, index
+
+
+#: Index folders written by older versions (format 2: ``metadata.json``), each with a journal.
+LEGACY = Path(__file__).parent / "data"
+
+
+@pytest.fixture()
+def legacy_folder(tmp_path):
+    """A function giving a fresh copy (under ``tmp_path``) of a folder of :data:`LEGACY`."""
+
+    def copy(name: str) -> Path:
+        dest = tmp_path / "legacy" / name
+        shutil.copytree(LEGACY / name, dest)
+        return dest
+
+    return copy

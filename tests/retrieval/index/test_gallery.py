@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import faiss
@@ -73,10 +74,9 @@ def test_save_load_roundtrip_and_checks(tmp_path):
 def test_damaged_files_are_refused(tmp_path):
     xb, labels, refs = _gallery(n=20)
     GalleryIndex.build(xb, refs, labels, list("abcde")).save(tmp_path / "idx")
-    meta = tmp_path / "idx" / "metadata.json"
-    data = json.loads(meta.read_text())
-    data["items"][0]["ref"] = "/etc/passwd"
-    meta.write_text(json.dumps(data))
+    con = sqlite3.connect(tmp_path / "idx" / "metadata.sqlite", isolation_level=None)
+    con.execute("UPDATE items SET ref = '/etc/passwd' WHERE id = 0")  # an edited store
+    con.close()
     with pytest.raises(UserError, match="damaged"):
         GalleryIndex.load(tmp_path / "idx")
     (tmp_path / "idx" / "manifest.json").write_text("{not json")
@@ -279,11 +279,11 @@ def test_memory_mapped_load_is_read_only(tmp_path):
         mapped.remove([0])
 
 
-def test_format_1_folders_still_load(tmp_path):
+def test_format_1_folders_still_load(legacy_folder):
     """Indexes written before ids could change (no next_id, no time added) keep working."""
-    xb = _clustered(n=50)
-    GalleryIndex.build(xb, [str(j) for j in range(50)], np.zeros(50), ["a"]).save(tmp_path / "i")
-    meta_path, man_path = tmp_path / "i" / "metadata.json", tmp_path / "i" / "manifest.json"
+    folder = legacy_folder("format2-flat-cosine")
+    (folder / "journal.jsonl").unlink()
+    meta_path, man_path = folder / "metadata.json", folder / "manifest.json"
     meta = json.loads(meta_path.read_text())
     meta = {
         "class_names": meta["class_names"],
@@ -296,13 +296,16 @@ def test_format_1_folders_still_load(tmp_path):
     man["format_version"] = 1
     man["checksums"]["metadata.json"] = hashlib.sha256(meta_path.read_bytes()).hexdigest()
     man_path.write_text(json.dumps(man))
-    old = GalleryIndex.load(tmp_path / "i")
-    assert len(old) == 50 and old.next_id == 50 and old.manifest.index_type == "Flat"
-    assert old.add(xb[:1], ["new"], [0]).tolist() == [50]
+    old = GalleryIndex.load(folder, mmap=True)  # read as it is
+    assert len(old) == 10 and old.next_id == 10 and old.manifest.index_type == "Flat"
+    assert old.items[3].added == man["created"]
+    old = GalleryIndex.load(folder)  # migrated
+    assert old.add(np.ones((1, 4), np.float32), ["new"], [0]).tolist() == [10]
+    man = json.loads(man_path.read_text())
     man["format_version"] = 99
     man_path.write_text(json.dumps(man))
     with pytest.raises(UserError, match="newer"):
-        GalleryIndex.load(tmp_path / "i")
+        GalleryIndex.load(folder)
 
 
 def _snapshot(folder) -> str:

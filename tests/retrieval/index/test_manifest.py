@@ -29,7 +29,7 @@ def _refused(folder, match: str) -> None:
     [
         (lambda m: m.update(checksums="zzz"), "checksums must map"),
         (lambda m: m.pop("checksums"), "no checksum for index.faiss"),
-        (lambda m: m["checksums"].pop("metadata.json"), "no checksum for metadata.json"),
+        (lambda m: m["checksums"].pop("metadata.sqlite"), "no checksum for metadata.sqlite"),
         (lambda m: m.update(dim="8"), "dim must be a whole number"),
         (lambda m: m.update(metric="dot"), "metric 'dot'"),
     ],
@@ -58,8 +58,8 @@ def test_the_manifest_is_cross_checked_against_the_faiss_file(saved_index):
     assert len(GalleryIndex.load(folder)) == 50
 
 
-def test_a_label_out_of_range_is_refused_on_load(saved_index):
-    folder, _ = saved_index
+def test_a_label_out_of_range_is_refused_on_load(legacy_folder):
+    folder = legacy_folder("format2-flat-cosine")
     meta_path = folder / "metadata.json"
     _edit(meta_path, lambda m: m["items"][7].update(label=5))
     digest = hashlib.sha256(meta_path.read_bytes()).hexdigest()

@@ -186,6 +186,74 @@ def test_filtered_searches_while_adding_through_the_server(client, service, inde
     assert sorted(i[0].tolist()) == added
 
 
+def test_filtered_searches_and_label_counts_while_adding_and_removing(client, service, index_dir):
+    """Searches filtered by a label being added and by ids, ``GET /labels`` and a second
+    reader of the folder, while images are added and removed through the server: no error,
+    every hit satisfies its filter, and the counts always add up to the index's size."""
+    from retrieval.index.gallery import GalleryIndex
+
+    errors: list[BaseException] = []
+    data = Path(service.item(0).ref).read_bytes()
+    wanted_ids = set(range(0, 300, 7)) | set(range(300, 310))
+    done = threading.Event()
+
+    def check(body: dict, label: str | None, ids: set[int] | None) -> None:
+        for h in body["results"]:
+            assert label is None or h["label"] == label, h
+            assert ids is None or h["id"] in ids, h
+
+    def searcher(where: str, label: str | None, ids: set[int] | None) -> None:
+        try:
+            while not done.is_set():
+                r = client.post("/search", data={"id": "2", "k": "10", "where": where})
+                assert r.status_code == 200, r.text
+                check(r.json(), label, ids)
+                counts = client.get("/labels").json()["labels"]
+                assert all(lab["count"] > 0 for lab in counts)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def reader() -> None:  # another view of the folder while it changes
+        try:
+            while not done.is_set():
+                other = GalleryIndex.load(index_dir)
+                xq = service.embed([service.image(2)])
+                d, i = other.search(xq, 5, where={"label": "digit4"})
+                assert {h.label for h in other.hits(d[0], i[0])} == {"digit4"}
+                other.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=searcher, args=("label=fresh", "fresh", None)),
+        threading.Thread(
+            target=searcher, args=("id=" + ",".join(map(str, sorted(wanted_ids))), None, wanted_ids)
+        ),
+        threading.Thread(target=searcher, args=("label=digit3", "digit3", None)),
+        threading.Thread(target=reader),
+    ]
+    first = client.post("/images", files={"file": ("f.png", data)}, data={"label": "fresh"})
+    assert first.status_code == 201 and first.json()["id"] == 300
+    service.remove([1])
+    for t in threads:
+        t.start()
+    try:
+        for j in range(1, 8):
+            r = client.post("/images", files={"file": (f"f{j}.png", data)}, data={"label": "fresh"})
+            assert r.status_code == 201, r.text
+            service.remove([j * 7 + 1, 300 + j // 2] if j % 2 else [j * 7 + 1])
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    counts = {lab["name"]: lab["count"] for lab in client.get("/labels").json()["labels"]}
+    assert sum(counts.values()) == len(service) == 300 + 8 - 8 - 4 and counts["fresh"] == 4
+    r = client.post("/search", data={"id": "2", "k": "10", "where": "label=fresh"})
+    assert sorted(h["id"] for h in r.json()["results"]) == [304, 305, 306, 307]
+    assert len(GalleryIndex.load(index_dir)) == len(service)
+
+
 def test_cli_search_where(built_index, digits_folder, capsys):
     query = sorted((digits_folder / "digit4").iterdir())[0]
     code, out, err = run_cli(
