@@ -255,13 +255,14 @@ def load(port: int, pngs: list[bytes], clients: int, requests: int) -> dict:
     bodies = [_multipart(p) for p in pngs]
     latencies: list[float] = []
     failures: list[str] = []
+    batch_sizes: list[int] = []
     lock = threading.Lock()
     per_client = max(1, requests // clients)
     start = threading.Barrier(clients + 1)
 
     def client(c: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine, bad = [], []
+        mine, bad, sizes = [], [], []
         start.wait()
         for j in range(per_client):
             body, ctype = bodies[(c * 7 + j) % len(bodies)]
@@ -272,12 +273,16 @@ def load(port: int, pngs: list[bytes], clients: int, requests: int) -> dict:
             dt = time.perf_counter() - t
             if r.status == 200:
                 mine.append(dt)
+                timing = r.getheader("Server-Timing", "")
+                batch = timing.rpartition('batch;desc="')[2].partition('"')[0]
+                sizes.append(int(batch) if batch.isdigit() else 0)
             else:
                 bad.append(data[:200].decode(errors="replace"))
         conn.close()
         with lock:
             latencies.extend(mine)
             failures.extend(bad)
+            batch_sizes.extend(sizes)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -295,6 +300,7 @@ def load(port: int, pngs: list[bytes], clients: int, requests: int) -> dict:
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
         "throughput_rps": round(len(lat) / wall, 1),
+        "mean_batch": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
     }
 
 

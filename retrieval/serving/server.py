@@ -40,7 +40,9 @@ load): :mod:`retrieval.serving.service` is imported when the service is made.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -65,6 +67,7 @@ from data.errors import DataError
 from retrieval.atomic import write_bytes
 from retrieval.errors import UserError
 from retrieval.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, MicroBatcher
+from retrieval.serving.fastpath import UploadSearch, UploadSearchPath
 from retrieval.serving.thumbnails import DEFAULT_CACHE_BYTES, ByteLRU, encode_png
 
 if TYPE_CHECKING:
@@ -84,6 +87,10 @@ MIN_THUMB, MAX_THUMB = 16, 1024
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 #: Decodes (uploads, thumbnails) running at once; each may hold a large image in memory.
 DEFAULT_MAX_DECODES = max(2, os.cpu_count() or 1)
+#: Uploads up to this size are decoded by the batch's worker thread, with the rest of its batch;
+#: larger ones (photos, whose decode takes milliseconds) in a thread of their own first, so that
+#: they do not hold up the searches they are batched with. Bytes.
+WORKER_DECODE_BYTES = 64 * 1024
 #: Files one ``POST /search/batch`` may carry.
 MAX_BATCH_FILES = 256
 #: The index folder's manifest (checked before the server listens).
@@ -156,6 +163,21 @@ def server_timing(**durations: float) -> str:
     return ", ".join(f"{name};dur={_ms(s)}" for name, s in durations.items())
 
 
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A search whose image is still encoded: the batch's worker decodes it (see
+    :meth:`Engine.search_upload`)."""
+
+    data: bytes
+    #: how error messages name the image ("the upload q.png")
+    what: str
+    k: int
+    nprobe: int | None = None
+    ef_search: int | None = None
+    #: a filter in the hashable form of :func:`retrieval.index.filters.freeze`
+    where: tuple | None = None
+
+
 class Engine:
     """What the endpoints share: the service (possibly still loading), the micro-batcher, the
     bound on concurrent decodes and the thumbnail cache.
@@ -194,6 +216,11 @@ class Engine:
     @property
     def loading(self) -> bool:
         return not self._future.done()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, and without error: searches can be served."""
+        return self._future.done() and self._future.exception() is None
 
     @property
     def service(self) -> SearchService:
@@ -245,14 +272,83 @@ class Engine:
         """:meth:`submit` and wait for the :meth:`results`."""
         return self.results(self.submit(queries))
 
+    async def search_upload(self, upload: Upload) -> Answer:
+        """Serve one uploaded image, awaited from the event loop without a request thread:
+        batched, a small upload is queued as it is and decoded by the batch's worker with the
+        rest of its batch (one thread hand-off each way); a large one is decoded in a thread
+        first. Unbatched, decode and search run together in a thread, as a request thread
+        would.
+
+        Raises:
+            DataError: the upload is not a readable image.
+            UserError: invalid search parameters (``nprobe`` on an HNSW index, say).
+        """
+        batcher = self._get_batcher()
+        if batcher is None:
+            return await asyncio.to_thread(self._search_alone, upload)
+        if len(upload.data) <= WORKER_DECODE_BYTES:
+            item: object = upload
+        else:
+            t0 = time.perf_counter()
+            item = await asyncio.to_thread(self._prepare, upload, self.service)
+            decode_s = time.perf_counter() - t0
+        answer = await asyncio.wrap_future(batcher.submit(item))
+        if item is not upload:
+            answer = dataclasses.replace(answer, decode_s=decode_s)
+        return answer
+
+    def _prepare(self, upload: Upload, service: SearchService):
+        """The upload decoded (JPEGs at a reduced scale), preprocessed and made a query; holds
+        a decode slot meanwhile."""
+        from retrieval.serving.service import Query, decode_image
+
+        with self.decodes:
+            image, _ = decode_image(upload.data, upload.what, draft_size=service.image_size)
+            image = service.prepare(image)
+        return Query(image, upload.k, upload.nprobe, upload.ef_search, upload.where)
+
+    def _search_alone(self, upload: Upload) -> Answer:
+        service = self.service
+        t0 = time.perf_counter()
+        query = self._prepare(upload, service)
+        decode_s = time.perf_counter() - t0
+        (answer,) = service.search_batch([query])
+        if isinstance(answer, BaseException):
+            raise answer
+        return dataclasses.replace(answer, decode_s=decode_s)
+
+    def _run_batch(self, items: list) -> list[Answer | BaseException]:
+        """The micro-batcher's ``run_batch``: decode the :class:`Upload` items (one that cannot
+        be read fails alone), then one :meth:`SearchService.search_batch` for all."""
+        service = self.service
+        out: list[Answer | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        queries, positions, decode_s = [], [], []
+        for pos, item in enumerate(items):
+            t0 = time.perf_counter()
+            if isinstance(item, Upload):
+                try:
+                    item = self._prepare(item, service)
+                except DataError as exc:
+                    out[pos] = exc
+                    continue
+            queries.append(item)
+            positions.append(pos)
+            decode_s.append(time.perf_counter() - t0)
+        answers = service.search_batch(queries)
+        for pos, answer, seconds in zip(positions, answers, decode_s, strict=True):
+            if isinstance(items[pos], Upload) and not isinstance(answer, BaseException):
+                answer = dataclasses.replace(answer, decode_s=seconds)
+            out[pos] = answer
+        return out
+
     def _get_batcher(self) -> MicroBatcher | None:
         if self.max_batch == 1:
             return None
-        service = self.service
+        self.service  # noqa: B018 - 503 while loading
         with self._lock:
             if self._batcher is None:
                 self._batcher = MicroBatcher(
-                    service.search_batch, self.max_batch, self.max_wait, name="search-batcher"
+                    self._run_batch, self.max_batch, self.max_wait, name="search-batcher"
                 )
             return self._batcher
 
@@ -265,6 +361,13 @@ class Engine:
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close(timeout=5)
+
+
+def _user_error_response(exc: UserError) -> JSONResponse:
+    from retrieval.index.gallery import UnknownIdError
+
+    status = 404 if isinstance(exc, UnknownIdError) else 400
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 def _hit_json(h) -> dict:
@@ -349,14 +452,10 @@ def create_app(
     app.state.engine = engine
     swagger = resources.files("retrieval.serving").joinpath("web/swagger")
     app.mount("/static/swagger", StaticFiles(directory=str(swagger)), name="swagger")
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        from retrieval.index.gallery import UnknownIdError
-
-        status = 404 if isinstance(exc, UnknownIdError) else 400
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        return _user_error_response(exc)
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:
@@ -532,6 +631,36 @@ def create_app(
             },
         )
 
+    async def search_upload(request: UploadSearch, t0: float) -> Response:
+        """What :func:`search` answers for an upload, served from the event loop by
+        :class:`~retrieval.serving.fastpath.UploadSearchPath` (the hot path): the upload is
+        decoded by the micro-batcher's worker, with the rest of its batch."""
+        service = engine.service
+        k = DEFAULT_K if request.k is None else request.k
+        what = f"the upload {request.filename}".strip()
+        t_queued = time.perf_counter()
+        try:
+            answer = await engine.search_upload(
+                Upload(request.data, what, k, request.nprobe, request.ef_search)
+            )
+        except DataError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        except UserError as exc:
+            return _user_error_response(exc)
+        count("searches")
+        body = results_body(service, answer.hits, {"filename": request.filename}, t0)
+        work = answer.decode_s + answer.embed_s + answer.search_s
+        timing = server_timing(
+            decode=answer.decode_s,
+            queue=max(0.0, time.perf_counter() - t_queued - work),
+            embed=answer.embed_s,
+            search=answer.search_s,
+            total=time.perf_counter() - t0,
+        )
+        return JSONResponse(
+            body, headers={"Server-Timing": f'{timing}, batch;desc="{answer.batch_size}"'}
+        )
+
     @app.post("/search/batch")
     def search_batch(
         files: Annotated[list[UploadFile], File(description="Query images.")],
@@ -663,6 +792,11 @@ def create_app(
         count("removed")
         return {"removed": item_id, "items": len(service)}
 
+    # the last added runs first: the body limit, then the hot path of POST /search
+    app.add_middleware(
+        UploadSearchPath, search=search_upload, ready=lambda: engine.ready, max_k=MAX_K
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     return app
 
 

@@ -74,6 +74,8 @@ class Answer:
     search_s: float
     #: queries in the forward pass
     batch_size: int
+    #: seconds this query's image took to decode, when the batch decoded it
+    decode_s: float = 0.0
 
 
 # ------------------------------------------------------------------------------ images
