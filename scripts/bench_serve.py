@@ -304,6 +304,29 @@ def load(port: int, pngs: list[bytes], clients: int, requests: int) -> dict:
     }
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far; ``None`` without ``/proc``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def measured_load(pid: int, port: int, pngs: list[bytes], clients: int, requests: int) -> dict:
+    """:func:`load`, and the CPU time per request of the server process and of the clients
+    (this process), in ms: where the machine's time went."""
+    server0, client0 = process_cpu_s(pid), time.process_time()
+    row = load(port, pngs, clients, requests)
+    server1, client1 = process_cpu_s(pid), time.process_time()
+    n = max(1, row["requests"])
+    row["server_cpu_ms"] = (
+        round(1000 * (server1 - server0) / n, 2) if None not in (server0, server1) else None
+    )
+    row["client_cpu_ms"] = round(1000 * (client1 - client0) / n, 2)
+    return row
+
+
 def bench_server(
     index_dir: Path,
     pngs: list[bytes],
@@ -315,7 +338,7 @@ def bench_server(
     proc, port, first, ready = start_server(index_dir, max_batch, max_wait_ms)
     try:
         load(port, pngs, 2, 20)  # warm-up: connections, thread pool
-        rows = [load(port, pngs, c, requests) for c in clients]
+        rows = [measured_load(proc.pid, port, pngs, c, requests) for c in clients]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -351,6 +374,17 @@ def _table(report: dict) -> str:
             f"| {rc['p50_ms']} / {rc['p99_ms']} | {rc['throughput_rps']} "
             f"| {rb['throughput_rps'] / rc['throughput_rps']:.2f} "
             f"| {rb['throughput_rps'] / a['throughput_qps']:.2f} |"
+        )
+    lines += [
+        "",
+        "| clients | (b) mean batch | (b) CPU ms per request: server + clients "
+        "| (c) CPU ms per request: server + clients |",
+        "|---:|---:|---:|---:|",
+    ]
+    for rb, rc in zip(b["rows"], c["rows"], strict=True):
+        lines.append(
+            f"| {rb['clients']} | {rb['mean_batch']} | {rb['server_cpu_ms']} + "
+            f"{rb['client_cpu_ms']} | {rc['server_cpu_ms']} + {rc['client_cpu_ms']} |"
         )
     lines += [
         "",
