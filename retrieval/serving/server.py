@@ -178,6 +178,21 @@ class Upload:
     where: tuple | None = None
 
 
+@dataclasses.dataclass
+class _Embedded:
+    """A batch between the micro-batcher's two stages: its items, the answers (or errors)
+    known so far, and the queries embedded (their positions in the batch, their decode
+    times, their embeddings ``xq`` and the forward pass's duration)."""
+
+    items: list
+    out: list
+    queries: list = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)
+    decode_s: list[float] = dataclasses.field(default_factory=list)
+    xq: object = None
+    embed_s: float = 0.0
+
+
 class Engine:
     """What the endpoints share: the service (possibly still loading), the micro-batcher, the
     bound on concurrent decodes and the thumbnail cache.
@@ -317,29 +332,37 @@ class Engine:
             raise answer
         return dataclasses.replace(answer, decode_s=decode_s)
 
-    def _run_batch(self, items: list) -> list[Answer | BaseException]:
-        """The micro-batcher's ``run_batch``: decode the :class:`Upload` items (one that cannot
-        be read fails alone), then one :meth:`SearchService.search_batch` for all."""
+    def _embed_batch(self, items: list) -> _Embedded:
+        """The micro-batcher's first stage: decode the :class:`Upload` items (one that cannot
+        be read fails alone), then one forward pass for all."""
         service = self.service
-        out: list[Answer | BaseException] = [None] * len(items)  # type: ignore[list-item]
-        queries, positions, decode_s = [], [], []
+        staged = _Embedded(items, [None] * len(items))
         for pos, item in enumerate(items):
             t0 = time.perf_counter()
             if isinstance(item, Upload):
                 try:
                     item = self._prepare(item, service)
                 except DataError as exc:
-                    out[pos] = exc
+                    staged.out[pos] = exc
                     continue
-            queries.append(item)
-            positions.append(pos)
-            decode_s.append(time.perf_counter() - t0)
-        answers = service.search_batch(queries)
-        for pos, answer, seconds in zip(positions, answers, decode_s, strict=True):
-            if isinstance(items[pos], Upload) and not isinstance(answer, BaseException):
+            staged.queries.append(item)
+            staged.positions.append(pos)
+            staged.decode_s.append(time.perf_counter() - t0)
+        staged.xq, staged.embed_s = service.embed_queries(staged.queries)
+        return staged
+
+    def _search_batch(self, staged: _Embedded) -> list[Answer | BaseException]:
+        """The micro-batcher's second stage (its own thread): the index searches of a batch
+        the first stage embedded."""
+        from retrieval.serving.service import apply_faiss_threads
+
+        apply_faiss_threads()
+        answers = self.service.search_embedded(staged.queries, staged.xq, staged.embed_s)
+        for pos, answer, seconds in zip(staged.positions, answers, staged.decode_s, strict=True):
+            if isinstance(staged.items[pos], Upload) and not isinstance(answer, BaseException):
                 answer = dataclasses.replace(answer, decode_s=seconds)
-            out[pos] = answer
-        return out
+            staged.out[pos] = answer
+        return staged.out
 
     def _get_batcher(self) -> MicroBatcher | None:
         if self.max_batch == 1:
@@ -348,7 +371,11 @@ class Engine:
         with self._lock:
             if self._batcher is None:
                 self._batcher = MicroBatcher(
-                    self._run_batch, self.max_batch, self.max_wait, name="search-batcher"
+                    self._embed_batch,
+                    self.max_batch,
+                    self.max_wait,
+                    name="search-batcher",
+                    finish_batch=self._search_batch,
                 )
             return self._batcher
 

@@ -111,9 +111,26 @@ def configure_threads(batched: bool) -> None:
     """
     import faiss
 
+    global _faiss_threads
     n = max(1, (os.cpu_count() or 1) - 1) if batched else 1
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
+    _faiss_threads = n
+
+
+#: FAISS's thread count set by :func:`configure_threads` (``None``: never set).
+_faiss_threads: int | None = None
+
+
+def apply_faiss_threads() -> None:
+    """Give the calling thread the FAISS thread count of :func:`configure_threads`. OpenMP keeps
+    the count per thread: a thread that has not run a parallel torch operation (which sets it
+    from torch's) would search with one OpenMP thread per core, spinning on the cores the
+    forward pass needs."""
+    if _faiss_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(_faiss_threads)
 
 
 # ------------------------------------------------------------------------------ locks
@@ -254,12 +271,24 @@ class SearchService:
         gets its :class:`~retrieval.errors.UserError` in place of answers; the other groups
         are served.
         """
+        xq, embed_s = self.embed_queries(queries)
+        return self.search_embedded(queries, xq, embed_s)
+
+    def embed_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, float]:
+        """The first half of :meth:`search_batch`: the queries' embeddings ``(n, dim)`` from one
+        forward pass, and its duration in seconds."""
         if not queries:
-            return []
+            return np.zeros((0, self.index.manifest.dim), np.float32), 0.0
         t0 = time.perf_counter()
         x = torch.stack([q.image for q in queries])  # (batch, 3, S, S)
         xq = embed_images(self.model, x, self.device).astype(np.float32, copy=False)
-        embed_s = time.perf_counter() - t0
+        return xq, time.perf_counter() - t0
+
+    def search_embedded(
+        self, queries: Sequence[Query], xq: np.ndarray, embed_s: float = 0.0
+    ) -> list[Answer | UserError]:
+        """The second half of :meth:`search_batch`: search with the embeddings ``xq`` of
+        ``queries`` (from :meth:`embed_queries`), one FAISS call per distinct parameters."""
         groups: dict[tuple, list[int]] = {}
         for pos, q in enumerate(queries):
             groups.setdefault((q.k, q.nprobe, q.ef_search, q.where), []).append(pos)
