@@ -120,3 +120,39 @@ def test_a_batch_waits_only_for_announced_items():
     thread.join(WAIT)
     batcher.close(WAIT)
     assert seen == [["alone"], ["first", "second"]]
+
+
+def test_two_stages_overlap_and_a_failing_second_stage_fails_its_batch_alone():
+    """With ``finish_batch`` the worker runs the next batch's first stage while the second
+    thread still finishes the previous one."""
+    finishing, release = threading.Event(), threading.Event()
+    first_stage: list[list] = []
+
+    def finish(staged):
+        if staged == ["stage1", 0]:
+            finishing.set()
+            release.wait(WAIT)  # the first batch is stuck in its second stage...
+            raise RuntimeError("the index fell over")
+        return [x * 10 for x in staged[1:]]
+
+    batcher = MicroBatcher(
+        lambda items: first_stage.append(items) or ["stage1", *items],
+        max_batch=8,
+        max_wait=0.0,
+        finish_batch=finish,
+    )
+    stuck = batcher.submit(0)
+    assert finishing.wait(WAIT)
+    second = batcher.submit(1)
+    while len(first_stage) < 2:  # ...while the worker runs the next batch's first stage
+        assert not second.done()
+        threading.Event().wait(0.001)
+    assert first_stage == [[0], [1]] and not stuck.done()
+    release.set()
+    with pytest.raises(RuntimeError, match="fell over"):
+        stuck.result(WAIT)
+    assert second.result(WAIT) == 10  # the failure stayed in its batch
+    late = batcher.submit(2)
+    batcher.close(WAIT)  # stops both threads, serving what was queued
+    assert late.result(0) == 20
+    assert not batcher._thread.is_alive() and not batcher._finisher.is_alive()
