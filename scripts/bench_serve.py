@@ -9,7 +9,11 @@ For (b) and (c): p50 / p99 latency and throughput of ``POST /search`` (k=10) for
 concurrent clients (``--clients``), and how long the server took to answer ``/health`` at all
 and to answer it ``ok`` (loaded and warmed up). Clients are threads of this process using
 ``http.client`` with keep-alive and pre-encoded requests (light, but they share the CPU with
-the server).
+the server); (b) and (c) use the same clients. Each row also gives where the CPU went: the
+mean batch a request was served in (from its ``Server-Timing``), and the CPU time per request
+of the server process and of the clients (this process), in ms (``/proc``; Linux only). On a
+machine shared with other work the throughputs follow the share of the cores the run got;
+the CPU per request does not, and (b) against (c) in the same run stays comparable.
 
 The gallery is ``--n`` random unit vectors (the FAISS side does not care what they came from),
 indexed with ``--index`` (default ``auto``: HNSW32 at 100,000); the model is ``--model`` or a

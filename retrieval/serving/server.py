@@ -23,11 +23,17 @@ filtered inside FAISS): ``FIELD=VALUE`` or ``FIELD=V1,V2`` (``label=Sneaker``), 
 (``{"label": ["Sneaker", "Sandal"]}``); the field repeated ANDs its conditions. The answer
 echoes the filter it applied under ``where``; an unknown field or label is a 400.
 
-Searches are micro-batched (:mod:`retrieval.serving.batching`): the requests that arrive within
-``max_wait_ms`` of each other (up to ``max_batch``) share one forward pass and one FAISS call per
-distinct ``(k, nprobe, ef_search, where)``; each gets the results it would get alone. Uploads are
-decoded in the request threads, at most ``max_decodes`` at once (each decode of a large image
-can take hundreds of MB). Answers carry ``Server-Timing`` (decode, queue, embed, search, total).
+Searches are micro-batched (:mod:`retrieval.serving.batching`): the requests waiting together
+(up to ``max_batch``; a batch waits at most ``max_wait_ms`` for requests still being decoded)
+share one forward pass and one FAISS call per distinct ``(k, nprobe, ef_search, where)``; each
+gets the results it would get alone. The batch's worker thread decodes and embeds, a second
+thread searches the index and answers, so consecutive batches overlap. The common request, an
+upload with at most ``k`` / ``nprobe`` / ``ef_search``, takes a hot path
+(:mod:`retrieval.serving.fastpath`): it is read and answered in the event loop, and its image,
+when small, is decoded by the batch's worker with the rest of the batch: no request thread and
+no FastAPI machinery per search. Other decodes (large uploads, ``/search/batch``, thumbnails)
+run in threads, at most ``max_decodes`` at once (each decode of a large image can take hundreds
+of MB). Answers carry ``Server-Timing`` (decode, queue, embed, search, total).
 
 Errors are JSON ``{"detail": message}``: 400 unreadable or corrupt image, bad parameter; 404
 unknown id; 413 body over the upload limit; 401 write without the API token (when one is

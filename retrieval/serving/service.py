@@ -101,13 +101,14 @@ def decode_image(
 def configure_threads(batched: bool) -> None:
     """Set torch's and FAISS's thread counts for a server process.
 
-    Batched, one worker thread runs every forward pass and search: it gets all the cores but
-    one, which is left to the event loop, the request threads and their decoding (on 2 cores:
-    one thread). Unbatched, each request runs its own forward pass and search concurrently with
-    the others: one thread each, so that ``n`` requests use ``n`` cores instead of
-    ``n x cores`` threads. Either way no parallel region waits at a barrier for a thread that
-    another request's thread has pushed off its core (measured on 2 busy cores: a forward pass
-    of the small CNN took ten times longer with 2 threads than with 1).
+    Batched, one worker thread runs every forward pass and a second one every search: each
+    gets all the cores but one, the one left to the event loop and to decoding (on 2 cores:
+    one thread each; threads other than the one calling this take FAISS's count with
+    :func:`apply_faiss_threads`). Unbatched, each request runs its own forward pass and
+    search concurrently with the others: one thread each, so that ``n`` requests use ``n``
+    cores instead of ``n x cores`` threads. Either way no parallel region waits at a barrier
+    for a thread that another request's thread has pushed off its core (measured on 2 busy
+    cores: a forward pass of the small CNN took ten times longer with 2 threads than with 1).
     """
     import faiss
 
