@@ -13,11 +13,13 @@ on a busy machine every avoided sleep is a scheduler wake-up saved.
 Written here rather than taken from a library: the serving libraries that batch (Triton, Ray
 Serve, TorchServe) are whole servers; this is the 100 lines the FastAPI server needs.
 
-With ``finish_batch``, a batch is served in two stages by two threads, like a pipeline:
-the worker runs ``run_batch`` (the forward pass, say) and hands what it returned to a second
-thread, which runs ``finish_batch`` on it (the index search) and delivers the results, while
-the worker already runs the next batch's first stage. Both stages spend most of their time in
-native code that releases the GIL, so on two cores they overlap.
+With ``finish_batch``, a batch is served in two stages, like a pipeline: the worker runs
+``run_batch`` (the forward pass, say) and, when more items are waiting, hands what it returned
+to a second thread, which runs ``finish_batch`` on it (the index search) and delivers the
+results while the worker already runs the next batch's first stage. Both stages spend most of
+their time in native code that releases the GIL, so on two cores they overlap. When nothing is
+waiting, the worker finishes the batch itself: a lone request is not handed from thread to
+thread for nothing.
 
 - A result that is an exception fails that item alone; ``run_batch`` (or ``finish_batch``)
   raising fails the whole batch (its items get the exception), and the worker carries on.
@@ -166,19 +168,23 @@ class MicroBatcher(Generic[T, R]):
                 continue
             if self.finish_batch is None:
                 self._deliver(live, out)
+            elif self._queue.empty():  # no batch waits for this thread: no hand-off
+                self._finish_one(live, out)
             else:
                 self._finishing.put((live, out))
         self._finishing.put(_STOP)
 
     def _finish(self) -> None:
         while (job := self._finishing.get()) is not _STOP:
-            live, staged = job
-            try:
-                out = self.finish_batch(staged)
-            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                self._fail(live, exc)
-                continue
-            self._deliver(live, out)
+            self._finish_one(*job)
+
+    def _finish_one(self, live: list[tuple[T, Future]], staged: object) -> None:
+        try:
+            out = self.finish_batch(staged)
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+            self._fail(live, exc)
+            return
+        self._deliver(live, out)
 
     @staticmethod
     def _fail(live: list[tuple[T, Future]], exc: BaseException) -> None:
