@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from data.errors import DataError
+from retrieval.serving.engine import Engine, Upload
 from retrieval.serving.fastpath import UploadSearch, multipart_boundary, parse_form, upload_search
-from retrieval.serving.server import MAX_K, Engine, Upload, create_app
+from retrieval.serving.server import MAX_K, create_app
 from retrieval.serving.service import SearchService
 from tests.conftest import build_index
 

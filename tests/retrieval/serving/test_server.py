@@ -399,7 +399,7 @@ def test_health_says_loading_until_the_service_is_ready(service, tmp_path):
 )
 def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch, max_batch, side, most_at_once):
     import retrieval.serving.service as service_module
-    from retrieval.serving.server import WORKER_DECODE_BYTES
+    from retrieval.serving.engine import WORKER_DECODE_BYTES
 
     running, most = 0, 0
     lock = threading.Lock()
