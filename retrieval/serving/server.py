@@ -53,6 +53,7 @@ import ipaddress
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -89,6 +90,11 @@ DEFAULT_K = 12
 MIN_THUMB, MAX_THUMB = 16, 1024
 #: Address the server binds to unless told otherwise: this machine only.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+#: The interpreter's GIL switch interval while serving, seconds (Python's default: 5 ms). A
+#: thread woken by a hand-off (the batch's worker, the event loop) waits at most this long for
+#: a thread running Python code to let it in; measured on 2 busy cores, 8 clients: 392 against
+#: 341 searches/s batched and 235 against 208 unbatched (medians of A/B runs).
+SWITCH_INTERVAL = 0.001
 #: Files one ``POST /search/batch`` may carry.
 MAX_BATCH_FILES = 256
 #: The index folder's manifest (checked before the server listens).
@@ -686,7 +692,8 @@ def serve(
     The server listens at once and answers ``/health`` with 503 ``loading`` while a thread
     imports torch and FAISS, loads the index and model and warms the model up; then with
     ``ok``. If loading fails, the server stops and the error is raised here. The index folder
-    is locked against other writers while the server runs (unless ``mmap``).
+    is locked against other writers while the server runs (unless ``mmap``). The interpreter's
+    GIL switch interval is :data:`SWITCH_INTERVAL` meanwhile.
 
     Raises:
         UserError: the index or model cannot be loaded (also checked before listening: the
@@ -729,9 +736,12 @@ def serve(
 
         loader = threading.Thread(target=load, name="load-index", daemon=True)
         loader.start()
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         try:
             server.run()
         finally:
+            sys.setswitchinterval(switch_interval)
             app.state.engine.close()
         loader.join()
         exc = loaded.exception()
