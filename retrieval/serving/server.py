@@ -92,8 +92,9 @@ MIN_THUMB, MAX_THUMB = 16, 1024
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 #: The interpreter's GIL switch interval while serving, seconds (Python's default: 5 ms). A
 #: thread woken by a hand-off (the batch's worker, the event loop) waits at most this long for
-#: a thread running Python code to let it in; measured on 2 busy cores, 8 clients: 392 against
-#: 341 searches/s batched and 235 against 208 unbatched (medians of A/B runs).
+#: a thread running Python code to let it in. Measured on 2 busy cores, 8 clients, runs
+#: alternating with the default: 392 against 341 searches/s batched (medians of 5 runs each),
+#: 235-240 against 208-209 unbatched (2 runs each).
 SWITCH_INTERVAL = 0.001
 #: Files one ``POST /search/batch`` may carry.
 MAX_BATCH_FILES = 256
