@@ -100,8 +100,8 @@ def parse_form(body: bytes, boundary: bytes) -> list[tuple[dict[bytes, bytes], b
 
 def upload_search(parts: list[tuple[dict[bytes, bytes], bytes]], max_k: int) -> UploadSearch | None:
     """The search a form asks for when the hot path can serve it as FastAPI would: exactly one
-    ``file`` (with a file name) and at most one of each integer field, in range; else
-    ``None``."""
+    ``file`` (with a file name) and at most one of each integer field (a plain field, in
+    range); else ``None``."""
     file: tuple[str, bytes] | None = None
     numbers: dict[str, int] = {}
     for options, content in parts:
@@ -116,8 +116,8 @@ def upload_search(parts: list[tuple[dict[bytes, bytes], bytes]], max_k: int) -> 
                 return None
             continue
         field = name.decode("latin-1")
-        if field not in INT_FIELDS or field in numbers:
-            return None
+        if field not in INT_FIELDS or field in numbers or b"filename" in options:
+            return None  # (a number sent as a file is FastAPI's 422)
         if not content.isdigit() or len(content) > _MAX_DIGITS:
             return None
         low, high = INT_FIELDS[field]

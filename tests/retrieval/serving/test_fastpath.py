@@ -80,7 +80,8 @@ def test_a_form_without_exactly_one_named_file_is_not_taken():
     none, b1 = _encoded({"k": (None, b"3")})
     two, b2 = _encoded([("file", ("a.png", b"a")), ("file", ("b.png", b"b"))])
     unnamed, b3 = _encoded([("file", (None, b"a"))])
-    for body, boundary in ((none, b1), (two, b2), (unnamed, b3)):
+    k_as_file, b4 = _encoded([("file", ("a.png", b"a")), ("k", ("k.txt", b"3"))])
+    for body, boundary in ((none, b1), (two, b2), (unnamed, b3), (k_as_file, b4)):
         assert upload_search(parse_form(body, boundary), MAX_K) is None
     body, boundary = _encoded({"file": ("q.png", b"a")}, {"nprobe": "4", "ef_search": "65536"})
     assert upload_search(parse_form(body, boundary), MAX_K) == UploadSearch(
