@@ -13,8 +13,16 @@ on a busy machine every avoided sleep is a scheduler wake-up saved.
 Written here rather than taken from a library: the serving libraries that batch (Triton, Ray
 Serve, TorchServe) are whole servers; this is the 100 lines the FastAPI server needs.
 
-- A result of ``run_batch`` that is an exception fails that item alone; ``run_batch`` raising
-  fails the whole batch (its items get the exception), and the worker carries on.
+With ``finish_batch``, a batch is served in two stages, like a pipeline: the worker runs
+``run_batch`` (the forward pass, say) and, when more items are waiting, hands what it returned
+to a second thread, which runs ``finish_batch`` on it (the index search) and delivers the
+results while the worker already runs the next batch's first stage. Both stages spend most of
+their time in native code that releases the GIL, so on two cores they overlap. When nothing is
+waiting, the worker finishes the batch itself: a lone request is not handed from thread to
+thread for nothing.
+
+- A result that is an exception fails that item alone; ``run_batch`` (or ``finish_batch``)
+  raising fails the whole batch (its items get the exception), and the worker carries on.
 - A future cancelled before its batch runs (the caller gave up) is left out of the batch: a
   cancelled client never stalls or fails its neighbours.
 """
@@ -52,6 +60,8 @@ class MicroBatcher(Generic[T, R]):
         max_batch: most items per call (``>= 1``; 1 serves items one at a time).
         max_wait: seconds the first item of a batch waits for announced items (``>= 0``).
         name: the worker thread's name.
+        finish_batch: when given, ``run_batch`` returns anything and ``finish_batch`` maps
+            that to the results, in a second thread (see the module docstring).
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_wait: float = DEFAULT_MAX_WAIT,
         name: str = "micro-batcher",
+        finish_batch: Callable[[object], Sequence[R | BaseException]] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -72,6 +83,14 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self._arriving = 0
         self._arriving_lock = threading.Lock()
+        self.finish_batch = finish_batch
+        self._finishing: queue.SimpleQueue = queue.SimpleQueue()
+        self._finisher = None
+        if finish_batch is not None:
+            self._finisher = threading.Thread(
+                target=self._finish, name=f"{name}-finish", daemon=True
+            )
+            self._finisher.start()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -103,6 +122,8 @@ class MicroBatcher(Generic[T, R]):
             self._closed = True
             self._queue.put(_STOP)
         self._thread.join(timeout)
+        if self._finisher is not None:  # the worker queued _STOP for it when it stopped
+            self._finisher.join(timeout)
 
     # ---------------------------------------------------------------------------- worker
 
@@ -141,18 +162,44 @@ class MicroBatcher(Generic[T, R]):
             if not live:
                 continue
             try:
-                results = self.run_batch([item for item, _ in live])
-                if len(results) != len(live):
-                    raise RuntimeError(
-                        f"run_batch returned {len(results)} results for {len(live)} items"
-                    )
+                out = self.run_batch([item for item, _ in live])
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                logger.exception("a batch of %d failed", len(live))
-                for _, fut in live:
-                    fut.set_exception(exc)
+                self._fail(live, exc)
                 continue
-            for (_, fut), res in zip(live, results, strict=True):
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            if self.finish_batch is None:
+                self._deliver(live, out)
+            elif self._queue.empty():  # no batch waits for this thread: no hand-off
+                self._finish_one(live, out)
+            else:
+                self._finishing.put((live, out))
+        self._finishing.put(_STOP)
+
+    def _finish(self) -> None:
+        while (job := self._finishing.get()) is not _STOP:
+            self._finish_one(*job)
+
+    def _finish_one(self, live: list[tuple[T, Future]], staged: object) -> None:
+        try:
+            out = self.finish_batch(staged)
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+            self._fail(live, exc)
+            return
+        self._deliver(live, out)
+
+    @staticmethod
+    def _fail(live: list[tuple[T, Future]], exc: BaseException) -> None:
+        logger.exception("a batch of %d failed", len(live), exc_info=exc)
+        for _, fut in live:
+            fut.set_exception(exc)
+
+    def _deliver(self, live: list[tuple[T, Future]], results: Sequence[R | BaseException]) -> None:
+        if len(results) != len(live):
+            self._fail(
+                live, RuntimeError(f"a batch gave {len(results)} results for {len(live)} items")
+            )
+            return
+        for (_, fut), res in zip(live, results, strict=True):
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)

@@ -74,6 +74,8 @@ class Answer:
     search_s: float
     #: queries in the forward pass
     batch_size: int
+    #: seconds this query's image took to decode, when the batch decoded it
+    decode_s: float = 0.0
 
 
 # ------------------------------------------------------------------------------ images
@@ -99,19 +101,37 @@ def decode_image(
 def configure_threads(batched: bool) -> None:
     """Set torch's and FAISS's thread counts for a server process.
 
-    Batched, one worker thread runs every forward pass and search: it gets all the cores but
-    one, which is left to the event loop, the request threads and their decoding (on 2 cores:
-    one thread). Unbatched, each request runs its own forward pass and search concurrently with
-    the others: one thread each, so that ``n`` requests use ``n`` cores instead of
-    ``n x cores`` threads. Either way no parallel region waits at a barrier for a thread that
-    another request's thread has pushed off its core (measured on 2 busy cores: a forward pass
-    of the small CNN took ten times longer with 2 threads than with 1).
+    Batched, one worker thread runs every forward pass and a second one every search: each
+    gets all the cores but one, the one left to the event loop and to decoding (on 2 cores:
+    one thread each; threads other than the one calling this take FAISS's count with
+    :func:`apply_faiss_threads`). Unbatched, each request runs its own forward pass and
+    search concurrently with the others: one thread each, so that ``n`` requests use ``n``
+    cores instead of ``n x cores`` threads. Either way no parallel region waits at a barrier
+    for a thread that another request's thread has pushed off its core (measured on 2 busy
+    cores: a forward pass of the small CNN took ten times longer with 2 threads than with 1).
     """
     import faiss
 
+    global _faiss_threads
     n = max(1, (os.cpu_count() or 1) - 1) if batched else 1
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
+    _faiss_threads = n
+
+
+#: FAISS's thread count set by :func:`configure_threads` (``None``: never set).
+_faiss_threads: int | None = None
+
+
+def apply_faiss_threads() -> None:
+    """Give the calling thread the FAISS thread count of :func:`configure_threads`. OpenMP keeps
+    the count per thread: a thread that has not run a parallel torch operation (which sets it
+    from torch's) would search with one OpenMP thread per core, spinning on the cores the
+    forward pass needs."""
+    if _faiss_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(_faiss_threads)
 
 
 # ------------------------------------------------------------------------------ locks
@@ -252,12 +272,24 @@ class SearchService:
         gets its :class:`~retrieval.errors.UserError` in place of answers; the other groups
         are served.
         """
+        xq, embed_s = self.embed_queries(queries)
+        return self.search_embedded(queries, xq, embed_s)
+
+    def embed_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, float]:
+        """The first half of :meth:`search_batch`: the queries' embeddings ``(n, dim)`` from one
+        forward pass, and its duration in seconds."""
         if not queries:
-            return []
+            return np.zeros((0, self.index.manifest.dim), np.float32), 0.0
         t0 = time.perf_counter()
         x = torch.stack([q.image for q in queries])  # (batch, 3, S, S)
         xq = embed_images(self.model, x, self.device).astype(np.float32, copy=False)
-        embed_s = time.perf_counter() - t0
+        return xq, time.perf_counter() - t0
+
+    def search_embedded(
+        self, queries: Sequence[Query], xq: np.ndarray, embed_s: float = 0.0
+    ) -> list[Answer | UserError]:
+        """The second half of :meth:`search_batch`: search with the embeddings ``xq`` of
+        ``queries`` (from :meth:`embed_queries`), one FAISS call per distinct parameters."""
         groups: dict[tuple, list[int]] = {}
         for pos, q in enumerate(queries):
             groups.setdefault((q.k, q.nprobe, q.ef_search, q.where), []).append(pos)

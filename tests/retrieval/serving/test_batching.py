@@ -120,3 +120,43 @@ def test_a_batch_waits_only_for_announced_items():
     thread.join(WAIT)
     batcher.close(WAIT)
     assert seen == [["alone"], ["first", "second"]]
+
+
+def test_two_stages_overlap_and_a_failing_second_stage_fails_its_batch_alone():
+    """With ``finish_batch`` and items waiting, the worker hands a batch's second stage to the
+    second thread and runs the next batch meanwhile; with none waiting, it finishes the batch
+    itself."""
+    first_gate = Gated()  # holds the first batch's first stage until the next item is queued
+    stuck, release = threading.Event(), threading.Event()
+    finished_by: dict[int, str] = {}
+
+    def run(items):
+        if items == [0]:
+            first_gate(items)
+        return ["stage1", *items]
+
+    def finish(staged):
+        finished_by[staged[1]] = threading.current_thread().name
+        if staged == ["stage1", 0]:
+            stuck.set()
+            release.wait(WAIT)
+            raise RuntimeError("the index fell over")
+        return [x * 10 for x in staged[1:]]
+
+    batcher = MicroBatcher(run, max_batch=8, max_wait=0.0, name="w", finish_batch=finish)
+    first = batcher.submit(0)
+    assert first_gate.entered.wait(WAIT)
+    second = batcher.submit(1)  # waiting when the first batch's first stage ends
+    first_gate.open.set()
+    assert stuck.wait(WAIT)
+    assert second.result(WAIT) == 10  # served while the first batch is stuck in its 2nd stage
+    assert not first.done()
+    release.set()
+    with pytest.raises(RuntimeError, match="fell over"):
+        first.result(WAIT)  # the failure stayed in its batch
+    assert finished_by == {0: "w-finish", 1: "w"}
+    assert batcher.submit(2).result(WAIT) == 20 and finished_by[2] == "w"  # alone: no hand-off
+    late = batcher.submit(3)
+    batcher.close(WAIT)  # stops both threads, serving what was queued
+    assert late.result(0) == 30
+    assert not batcher._thread.is_alive() and not batcher._finisher.is_alive()

@@ -61,3 +61,21 @@ def test_a_server_that_cannot_load_stops_with_the_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "another model" in proc.stderr
+
+
+def test_the_load_client_reads_a_response_that_arrives_in_pieces():
+    bench = _bench_module()
+    client = bench._Client.__new__(bench._Client)  # the parsing alone, without a connection
+    client.buf = bytearray()
+    response = (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\nServer-Timing: batch;desc="3"\r\n\r\n'
+        b'{"a": [1]}\n'
+    )
+    client.buf += response[:30]
+    assert client.response() is None  # headers incomplete
+    client.buf += response[30:-4]
+    assert client.response() is None  # body incomplete
+    client.buf += response[-4:] + b"HTTP/1.1 4"  # the next response begins
+    status, headers, body = client.response()
+    assert (status, headers["server-timing"], body) == (200, 'batch;desc="3"', b'{"a": [1]}\n')
+    assert client.buf == b"HTTP/1.1 4"

@@ -389,8 +389,17 @@ def test_health_says_loading_until_the_service_is_ready(service, tmp_path):
     assert client.post("/search", data={"id": "1"}).json()["results"][0]["id"] == 1
 
 
-def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("max_batch", "side", "most_at_once"),
+    [
+        (1, 28, 2),  # unbatched: each request decodes in its thread, two at a time
+        (32, 28, 1),  # batched, small uploads: the batch's worker decodes them, one at a time
+        (32, 200, 2),  # batched, large uploads: decoded in threads first, two at a time
+    ],
+)
+def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch, max_batch, side, most_at_once):
     import retrieval.serving.service as service_module
+    from retrieval.serving.engine import WORKER_DECODE_BYTES
 
     running, most = 0, 0
     lock = threading.Lock()
@@ -407,8 +416,12 @@ def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "decode_image", slow_decode)
-    client = TestClient(create_app(service, tmp_path / "up", max_decodes=2))
+    app = create_app(service, tmp_path / "up", max_batch=max_batch, max_decodes=2)
+    client = TestClient(app)
     name, data = _gallery_file(service, 3)
+    if side > 28:  # noise does not compress: a PNG larger than the worker decodes
+        data = _png(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        assert len(data) > WORKER_DECODE_BYTES
     codes = []
 
     def post():
@@ -421,7 +434,7 @@ def test_decodes_at_once_are_bounded(service, tmp_path, monkeypatch):
     for t in threads:
         t.join(60)
     assert codes == [200] * 6
-    assert most == 2  # six uploads at once, two decoding at a time
+    assert most == most_at_once  # six uploads at once
 
 
 def test_thumbnails_of_large_photos_are_fitted_and_cached(service, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -253,3 +254,35 @@ def test_search_files_skips_unreadable_queries(typed_index, digits_folder, tmp_p
     assert [h[0].id for h in hits] == list(range(70))  # each gallery image finds itself
     assert len(skipped) == 1 and skipped[0][0].endswith("broken.png")
     assert "not an image" in skipped[0][1]
+
+
+def test_every_thread_can_take_the_configured_faiss_threads():
+    """OpenMP keeps its thread count per thread: the batcher's search thread, which runs no
+    torch operation, would otherwise search with one OpenMP thread per core."""
+    import threading
+
+    import faiss
+    import torch
+
+    from retrieval.serving import service as service_module
+
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads(), service_module._faiss_threads
+    seen = {}
+
+    def fresh_thread():
+        seen["before"] = faiss.omp_get_max_threads()
+        service_module.apply_faiss_threads()
+        seen["after"] = faiss.omp_get_max_threads()
+
+    try:
+        service_module.configure_threads(batched=False)  # one thread each
+        thread = threading.Thread(target=fresh_thread)
+        thread.start()
+        thread.join(10)
+    finally:
+        torch.set_num_threads(saved[0])
+        faiss.omp_set_num_threads(saved[1])
+        service_module._faiss_threads = saved[2]
+    assert seen["after"] == 1
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        assert seen["before"] > 1  # what the search thread had before
