@@ -37,7 +37,7 @@ from retrieval.evaluation.evaluate import evaluate
 from retrieval.model.checkpoint import load_model, preprocessing
 from retrieval.model.embed import embed_dataset, pick_device
 from retrieval.training.config import TrainConfig
-from retrieval.training.loop import train
+from retrieval.training.loop import at_most_per_class, train
 from retrieval.training.recipe import PRETRAINED_RECIPE
 
 logger = logging.getLogger("finetune_recipe")
@@ -56,6 +56,13 @@ VARIANTS: dict[str, dict] = {
     "head indexed": {"embedding": "head"},
     "no augmentation": {"augment": False},
     "multi-similarity": {"loss": "multi-similarity", "miner": None},
+    "backbone lr 1e-4": {"backbone_lr": 1e-4},
+    "backbone lr 3e-4, multi-similarity": {
+        "backbone_lr": 3e-4,
+        "loss": "multi-similarity",
+        "miner": None,
+    },
+    "backbone lr 3e-4, 1 epoch": {"backbone_lr": 3e-4, "epochs": 1},
     "no warm-up": {"warmup_epochs": 0.0},
 }
 
@@ -67,6 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     p.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     p.add_argument("--per-class", type=int, default=400, help="Fashion-MNIST images per class")
+    p.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="evaluate on this many test images of each unseen class (default all)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/recipe")
     return p
@@ -93,8 +106,13 @@ def sources(args: argparse.Namespace) -> tuple[dict, object]:
     """Training options naming the seen classes, and the unseen-class test set."""
     if args.dataset == "digits":
         seen, unseen = write_digits(Path(args.out) / "digits")
-        return {"data": seen, "classes": ""}, open_source(unseen)
+        test = open_source(unseen)
+        if args.test_per_class is not None:
+            test = at_most_per_class(test, args.test_per_class, seed=0)
+        return {"data": seen, "classes": ""}, test
     test = open_source("fashion-mnist", split="test").filter_classes([5, 6, 7, 8, 9])
+    if args.test_per_class is not None:
+        test = at_most_per_class(test, args.test_per_class, seed=0)
     return {"data": "fashion-mnist", "classes": "0-4", "per_class": args.per_class}, test
 
 

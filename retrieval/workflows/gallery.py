@@ -271,7 +271,7 @@ def index_info(index_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """``(field, value)`` rows describing an index folder and what it was built with."""
     from dataclasses import asdict
 
-    from retrieval.index.gallery import JOURNAL_FILE, GalleryIndex, read_manifest
+    from retrieval.index.gallery import JOURNAL_FILE, STORE_FILE, GalleryIndex, read_manifest
 
     m = read_manifest(index_dir)
     journal = Path(index_dir) / JOURNAL_FILE
@@ -283,10 +283,21 @@ def index_info(index_dir: str | os.PathLike) -> list[tuple[str, str]]:
         if key == "count" and pending:
             value = f"{value} at the last snapshot; changes since in {JOURNAL_FILE}"
         rows.append((key, str(value)))
-    described = GalleryIndex.load(index_dir, mmap=not pending).describe()
-    for key, value in described.items():
+    index = GalleryIndex.load(index_dir, mmap=not pending)
+    for key, value in index.describe().items():
         if key not in ("metric", "dim", "index_type", "read_only"):
             rows.append((key, str(value)))
+    store = index.store
+    if store.path is None:
+        rows.append(("metadata", "metadata.json (migrated on the next writable open)"))
+    else:
+        rows.append(
+            (
+                "metadata",
+                f"{STORE_FILE} (SQLite, {store.journal_mode}); journal bytes applied: "
+                f"{store.applied:,}",
+            )
+        )
     size = sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file())
     rows.append(("size on disk", f"{size / 1024**2:,.1f} MB"))
     return rows

@@ -134,6 +134,7 @@ def test_index_search_roundtrip(trained_run, digits_folder, tmp_path, capsys):
     assert code == 0, err
     code, out, _ = run_cli(["index", "info", index], capsys)
     assert code == 0 and "cosine" in out and str(10 * PER_CLASS) in out
+    assert "metadata.sqlite (SQLite, wal)" in " ".join(out.split())
     query = sorted((digits_folder / "digit3").iterdir())[0]
     code, out, err = run_cli(
         ["search", index, query, "--k", "5", "--json", "--out", tmp_path / "grid.png"], capsys
