@@ -574,10 +574,12 @@ class GalleryIndex:
         if self._store is not None:
             self._store.close()
 
-    def _replay(self, journal: Path, may_write: bool) -> int:
+    def _replay(self, journal: Path, may_write: bool, fresh: bool = False) -> int:
         """Apply the journal's changes to the FAISS index, and those the store has not
         applied yet to the store too when ``may_write`` (else stop where the store is: the
-        writer holding the folder will); returns the journal position reached, in bytes."""
+        writer holding the folder will); returns the journal position reached, in bytes.
+        ``fresh``: the store was just made from ``metadata.json`` (it follows the journal
+        from its start, as expected, not after a writer stopped)."""
         entries, ends = wal.read_journal_ends(journal)
         applied = self.store.applied
         may_write = may_write or self.store.path is None  # a private store follows the journal
@@ -612,6 +614,9 @@ class GalleryIndex:
             position = end
         if caught:  # in one transaction with the journal position
             self.store.commit(caught, position)
+        if caught and (fresh or self.store.path is None):
+            logger.info("%s: %d change(s) applied to the metadata", journal, len(caught))
+        elif caught:
             logger.warning(
                 "%s: applied %d change(s) the metadata store lacked (a writer stopped between "
                 "the journal and the store)",
@@ -874,7 +879,7 @@ class GalleryIndex:
                     snap.store.close()
                     logger.info("%s: moved metadata.json into %s", directory, STORE_FILE)
                 if pending:
-                    out._journal_bytes = out._replay(journal, writable)
+                    out._journal_bytes = out._replay(journal, writable, fresh=snap.legacy)
         except (RuntimeError, KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
             out.close()
             raise UserError(

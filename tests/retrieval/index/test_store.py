@@ -6,6 +6,7 @@ folders written with ``metadata.json``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -189,7 +190,7 @@ _KILLED_WRITER = textwrap.dedent(
 )
 
 
-def test_journal_and_store_agree_after_a_writer_is_killed_between_them(saved_index):
+def test_journal_and_store_agree_after_a_writer_is_killed_between_them(saved_index, caplog):
     folder, _ = saved_index
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_WRITER, str(folder)],
@@ -204,7 +205,9 @@ def test_journal_and_store_agree_after_a_writer_is_killed_between_them(saved_ind
         store.view = journal.stat().st_size
         assert store.applied < journal.stat().st_size  # behind the journal, never ahead
         assert store.get([51, 52]) == []  # the killed transaction left nothing
-    index = GalleryIndex.load(folder)  # catches up
+    with caplog.at_level(logging.WARNING, logger="retrieval.index.gallery"):
+        index = GalleryIndex.load(folder)  # catches up, and says why
+    assert "a writer stopped between the journal and the store" in caplog.text
     assert index.store.applied == journal.stat().st_size == index._journal_bytes
     assert len(index) == 53 == index.index.ntotal
     assert [index.items[i].ref for i in (50, 51, 52)] == [
@@ -241,7 +244,9 @@ def test_a_reader_beside_a_busy_writer_sees_the_store_as_of_its_position(saved_i
 
 
 @pytest.mark.parametrize("name", ["format2-flat-cosine", "format2-hnsw-l2"])
-def test_a_folder_of_format_2_is_migrated_on_the_first_open_that_may_write(legacy_folder, name):
+def test_a_folder_of_format_2_is_migrated_on_the_first_open_that_may_write(
+    legacy_folder, name, caplog
+):
     folder = legacy_folder(name)
     meta = json.loads((folder / "metadata.json").read_text())
     xq = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
@@ -254,7 +259,9 @@ def test_a_folder_of_format_2_is_migrated_on_the_first_open_that_may_write(legac
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert reader.store.path is None  # its metadata.json read into memory
 
-    index = GalleryIndex.load(folder)
+    with caplog.at_level(logging.WARNING, logger="retrieval.index.gallery"):
+        index = GalleryIndex.load(folder)
+    assert caplog.text == ""  # a migration is not a writer that stopped halfway
     assert not (folder / "metadata.json").exists() and (folder / STORE_FILE).is_file()
     manifest = read_manifest(folder)
     assert manifest.format_version == 3 and set(manifest.checksums) == {
