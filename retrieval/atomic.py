@@ -19,7 +19,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,19 @@ def ensure_present(path: str | os.PathLike, timeout: float = 30.0) -> None:
                     f"{path} is being replaced by another process; try again when it has finished"
                 ) from None
             time.sleep(0.05)
+
+
+def content_hashes(refs: Sequence[str]) -> list[str | None]:
+    """The SHA-256 of each reference that names a readable file (an image's content hash, what
+    an index stores to recognise the same file under another name); None for the others
+    (built-in references, files gone since they were read)."""
+    out: list[str | None] = []
+    for ref in refs:
+        try:
+            out.append(file_sha256(ref) if os.path.isfile(ref) else None)
+        except OSError:
+            out.append(None)
+    return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -102,7 +102,10 @@ def build_in_parts(
         target = out.index if direct else faiss.clone_index(empty)
         for a in range(0, len(part.xb), ADD_BLOCK):
             b = min(a + ADD_BLOCK, len(part.xb))
-            out.add_prepared(prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target)
+            hashes = part.sha256[a:b] if part.sha256 is not None else None
+            out.add_prepared(
+                prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target, sha256=hashes
+            )
         if work is not None:
             part_files.append(str(work / f"part-{n_part:05d}.faiss"))
             faiss.write_index(target, part_files[-1])

@@ -147,11 +147,13 @@ class GalleryPart:
         xb: vectors ``(n, dim)``; may be memory-mapped (``np.load(..., mmap_mode="r")``).
         refs: a reference per vector.
         labels: a label (index into the class names) per vector, ``(n,)``.
+        sha256: the content hash of each item's file (None where there is no file), or None.
     """
 
     xb: np.ndarray
     refs: Sequence[str]
     labels: np.ndarray
+    sha256: Sequence[str | None] | None = None
 
 
 @dataclass
@@ -340,17 +342,19 @@ class GalleryIndex:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         seed: int = 0,
         on_disk: str | os.PathLike | None = None,
+        sha256: Sequence[str | None] | None = None,
     ) -> GalleryIndex:
         """Index the vectors ``xb`` ``(n, dim)``; item ids are ``0 .. n-1``.
 
         Args:
+            sha256: the content hash of each item's file (:func:`content_hashes`), or None.
             index_type: a FAISS factory string or ``auto`` (:func:`choose_index_type`).
             memory_budget: bytes the index may use, for ``auto``.
             seed: of the training sample.
             on_disk: work folder for IVF lists kept on disk (see :meth:`build_in_parts`).
         """
         return cls.build_in_parts(
-            [GalleryPart(np.asarray(xb), refs, labels)],
+            [GalleryPart(np.asarray(xb), refs, labels, sha256)],
             class_names,
             metric=metric,
             model_sha256=model_sha256,

@@ -582,7 +582,8 @@ def create_app(
         data, image, fmt = decode_upload(file, service)
         path = _store_upload(data, fmt, uploads)
         name = (label or "").strip() or UNLABELLED
-        (new_id,) = service.add([image], [str(path)], [name])
+        digest = hashlib.sha256(data).hexdigest()
+        (new_id,) = service.add([image], [str(path)], [name], sha256=[digest])
         count("added")
         return {"id": new_id, "label": name, "image": f"/images/{new_id}", "items": len(service)}
 

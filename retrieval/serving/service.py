@@ -439,19 +439,30 @@ class SearchService:
     # ---------------------------------------------------------------------------- changes
 
     def add(
-        self, images: Sequence[torch.Tensor], refs: Sequence[str], labels: Sequence[str]
+        self,
+        images: Sequence[torch.Tensor],
+        refs: Sequence[str],
+        labels: Sequence[str],
+        sha256: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Embed and add images; returns their ids once the index folder is saved."""
-        return self.add_vectors(self.embed(images), refs, labels)
+        return self.add_vectors(self.embed(images), refs, labels, sha256)
 
-    def add_vectors(self, xb: np.ndarray, refs: Sequence[str], labels: Sequence[str]) -> list[int]:
-        """Add embeddings with their references and label names; saved before returning."""
+    def add_vectors(
+        self,
+        xb: np.ndarray,
+        refs: Sequence[str],
+        labels: Sequence[str],
+        sha256: Sequence[str | None] | None = None,
+    ) -> list[int]:
+        """Add embeddings with their references, label names and (optionally) the content
+        hash of each file; saved before returning."""
         if not (len(xb) == len(refs) == len(labels)):
             raise ValueError("xb, refs and labels must have the same length")
         with self._writer:
             with self._rw.write():
                 label_ids = [self.index.label_id(name) for name in labels]
-                ids = self.index.add(xb, refs, label_ids)
+                ids = self.index.add(xb, refs, label_ids, sha256=sha256)
             self._persist()
         return ids.tolist()
 

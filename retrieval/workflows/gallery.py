@@ -136,7 +136,7 @@ def build_index(
     image_size: int | None = None,
 ) -> GalleryIndex:
     """Embed a gallery (or read embedded shards) and save an index folder at ``out``."""
-    from retrieval.atomic import real_path
+    from retrieval.atomic import content_hashes, real_path
     from retrieval.index.gallery import METRICS, GalleryIndex, is_index_folder, parse_memory
     from retrieval.index.lock import index_lock
     from retrieval.model.resolve import resolve_model
@@ -172,7 +172,13 @@ def build_index(
             ds = open_images(source, split, classes, data_root, e.image_size, labels)
             emb = embed(e.model, ds, e.preprocessing, device, source, progress)
             index = GalleryIndex.build(
-                emb, ds.refs, ds.labels, ds.class_names, **built_with, on_disk=work
+                emb,
+                ds.refs,
+                ds.labels,
+                ds.class_names,
+                **built_with,
+                on_disk=work,
+                sha256=content_hashes(ds.refs),
             )
         index.set_search_defaults(nprobe=spec.nprobe, ef_search=spec.ef_search)
         with index_lock(out):
@@ -199,6 +205,7 @@ def add_to_index(
     import numpy as np
 
     from data.datasets import BUILTIN, load_files, open_source
+    from retrieval.atomic import content_hashes
     from retrieval.index.lock import index_lock
     from retrieval.serving.service import UNLABELLED, SearchService
 
@@ -230,7 +237,7 @@ def add_to_index(
                 )
                 refs += ds.refs
                 names += [label or ds.class_names[y] for y in ds.labels]
-        ids = service.add_vectors(np.concatenate(vectors), refs, names)
+        ids = service.add_vectors(np.concatenate(vectors), refs, names, content_hashes(refs))
     return ids, len(service)
 
 
@@ -321,7 +328,7 @@ def sync_index(
     import numpy as np
 
     from data.datasets import open_source
-    from retrieval.atomic import real_path
+    from retrieval.atomic import content_hashes, real_path
     from retrieval.index.lock import index_lock
     from retrieval.model.embed import embed_dataset
     from retrieval.serving.service import SearchService
@@ -353,5 +360,6 @@ def sync_index(
                 device=service.device,
                 on_batch=done,
             )
-            service.add_vectors(x, part.refs, [part.class_names[y] for y in part.labels])
+            names = [part.class_names[y] for y in part.labels]
+            service.add_vectors(x, part.refs, names, content_hashes(part.refs))
     return len(new), len(gone), len(service)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,28 @@ def test_folders_as_people_keep_them(trained_run, digits_folder, tmp_path, capsy
     assert len(queries) == PER_CLASS
     assert {q["results"][0]["label"] for q in queries} == {"unlabelled"}
     assert all(q["results"][0]["ref"] == q["query"] for q in queries)  # each finds itself
+
+
+def test_indexed_files_carry_their_content_hash(trained_run, digits_folder, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    from retrieval.index.gallery import GalleryIndex
+
+    folder = tmp_path / "gallery"
+    shutil.copytree(digits_folder / "digit1", folder / "digit1")
+    index = tmp_path / "idx"
+    model = ["--model", trained_run / "best.pt"]
+    assert run_cli(["index", "build", folder, *model, "--out", index], capsys)[0] == 0
+    extra = tmp_path / "extra.png"
+    shutil.copy(sorted((digits_folder / "digit2").iterdir())[0], extra)
+    assert run_cli(["index", "add", index, extra, "--label", "digit2"], capsys)[0] == 0
+    new = folder / "digit3"
+    shutil.copytree(digits_folder / "digit3", new)
+    assert run_cli(["index", "sync", index, folder], capsys)[0] == 0
+
+    loaded = GalleryIndex.load(index)
+    rows = loaded.store.get(list(loaded.items))
+    assert len(rows) == 2 * PER_CLASS + 1  # digit1, the added file, digit3
+    for row in rows:
+        assert row.sha256 == hashlib.sha256(Path(row.ref).read_bytes()).hexdigest(), row.ref

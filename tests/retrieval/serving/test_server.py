@@ -198,6 +198,10 @@ def test_add_and_remove_need_the_token_and_survive_a_restart(client, service, in
     restarted = SearchService(index_dir, device="cpu")
     assert len(restarted) == 300 and 5 not in restarted.index.items
     assert restarted.label_name(restarted.item(new_id).label) == "stripes"
+    import hashlib
+
+    (row,) = restarted.index.store.get([new_id])
+    assert row.sha256 == hashlib.sha256(data).hexdigest()  # the upload's content hash
     fresh = TestClient(create_app(restarted, tmp_path / "uploads"))
     assert fresh.post("/search", files=files, data={"k": "1"}).json()["results"][0]["id"] == new_id
 
