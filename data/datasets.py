@@ -435,6 +435,27 @@ def load_csv(
     return _files_dataset(paths, names, draft_size, str(csv_path))
 
 
+#: Columns of a CSV manifest with a meaning of their own; any other column is a user field.
+MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+def manifest_fields(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The user fields of a CSV manifest's rows (every column but ``path``, ``label`` and
+    ``split``), by the resolved path of each row's image: what an index stores beside each
+    item and filters on (``--where color=red``). Empty values are left out."""
+    csv_path = Path(csv_path).expanduser().resolve()
+    out: dict[str, dict[str, str]] = {}
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            p = Path(row.get("path", "")).expanduser()
+            ref = str(p if p.is_absolute() else (csv_path.parent / p).resolve())
+            extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v}
+            if extra:
+                out[ref] = extra
+    return out
+
+
 def open_source(
     spec: str,
     split: str | None = None,

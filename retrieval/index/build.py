@@ -103,8 +103,14 @@ def build_in_parts(
         for a in range(0, len(part.xb), ADD_BLOCK):
             b = min(a + ADD_BLOCK, len(part.xb))
             hashes = part.sha256[a:b] if part.sha256 is not None else None
+            extra = part.fields[a:b] if part.fields is not None else None
             out.add_prepared(
-                prepare(part.xb[a:b]), part.refs[a:b], part.labels[a:b], into=target, sha256=hashes
+                prepare(part.xb[a:b]),
+                part.refs[a:b],
+                part.labels[a:b],
+                into=target,
+                sha256=hashes,
+                fields=extra,
             )
         if work is not None:
             part_files.append(str(work / f"part-{n_part:05d}.faiss"))

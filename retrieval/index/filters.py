@@ -7,7 +7,10 @@ across fields, OR within one field's list). The fields (:data:`FIELDS`):
 - ``label``: the class name (``label=Sneaker``);
 - ``id``: the item id (``id=3,17``);
 - ``ref``: the reference exactly as stored: the absolute image path or
-  ``fashion-mnist:SPLIT:N``.
+  ``fashion-mnist:SPLIT:N``;
+- ``sha256``: the content hash of the image file (hex SHA-256), to find a file by content;
+- any user field the index holds (the extra columns of the CSV manifest it was built from,
+  e.g. ``color=red``).
 
 Written as text (``retrieval search --where``, the server's ``where`` form field) a condition is
 ``FIELD=VALUE`` or ``FIELD=V1,V2`` (a list); several conditions are ANDed (the same field given
@@ -38,8 +41,8 @@ if TYPE_CHECKING:
 
     from retrieval.index.gallery import GalleryIndex
 
-#: The fields a filter may name.
-FIELDS = ("label", "id", "ref")
+#: The fields every index can filter on (user fields come on top).
+FIELDS = ("label", "id", "ref", "sha256")
 
 #: A filter: field -> value or list of values.
 Where = Mapping[str, object]
@@ -111,7 +114,10 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
     """
     unknown = [f for f in where if f not in FIELDS]
     if unknown:
-        raise UserError(f"cannot filter on {unknown[0]!r}; the fields are: {', '.join(FIELDS)}")
+        names = list(dict.fromkeys([*FIELDS, *index.store.field_names()]))
+        unknown = [f for f in unknown if f not in names]
+        if unknown:
+            raise UserError(f"cannot filter on {unknown[0]!r}; the fields are: {', '.join(names)}")
     query: dict[str, list] = {}
     for field, given in where.items():
         values = _as_list(given)
@@ -128,7 +134,7 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
                 query[field] = [int(str(v)) for v in values]
             except ValueError:
                 raise UserError(f"where: id takes whole numbers, got {values!r}") from None
-        else:  # ref
+        else:  # ref, sha256, a user field
             query[field] = [str(v) for v in values]
     return index.matching_ids(query)
 

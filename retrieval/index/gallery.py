@@ -148,12 +148,14 @@ class GalleryPart:
         refs: a reference per vector.
         labels: a label (index into the class names) per vector, ``(n,)``.
         sha256: the content hash of each item's file (None where there is no file), or None.
+        fields: the user fields of each item (a mapping of name to value), or None.
     """
 
     xb: np.ndarray
     refs: Sequence[str]
     labels: np.ndarray
     sha256: Sequence[str | None] | None = None
+    fields: Sequence[dict[str, str]] | None = None
 
 
 @dataclass
@@ -343,18 +345,21 @@ class GalleryIndex:
         seed: int = 0,
         on_disk: str | os.PathLike | None = None,
         sha256: Sequence[str | None] | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
     ) -> GalleryIndex:
         """Index the vectors ``xb`` ``(n, dim)``; item ids are ``0 .. n-1``.
 
         Args:
-            sha256: the content hash of each item's file (:func:`content_hashes`), or None.
+            sha256: the content hash of each item's file
+                (:func:`retrieval.atomic.content_hashes`), or None.
+            fields: the user fields of each item, or None.
             index_type: a FAISS factory string or ``auto`` (:func:`choose_index_type`).
             memory_budget: bytes the index may use, for ``auto``.
             seed: of the training sample.
             on_disk: work folder for IVF lists kept on disk (see :meth:`build_in_parts`).
         """
         return cls.build_in_parts(
-            [GalleryPart(np.asarray(xb), refs, labels, sha256)],
+            [GalleryPart(np.asarray(xb), refs, labels, sha256, fields)],
             class_names,
             metric=metric,
             model_sha256=model_sha256,

@@ -454,15 +454,16 @@ class SearchService:
         refs: Sequence[str],
         labels: Sequence[str],
         sha256: Sequence[str | None] | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
     ) -> list[int]:
         """Add embeddings with their references, label names and (optionally) the content
-        hash of each file; saved before returning."""
+        hash and user fields of each; saved before returning."""
         if not (len(xb) == len(refs) == len(labels)):
             raise ValueError("xb, refs and labels must have the same length")
         with self._writer:
             with self._rw.write():
                 label_ids = [self.index.label_id(name) for name in labels]
-                ids = self.index.add(xb, refs, label_ids, sha256=sha256)
+                ids = self.index.add(xb, refs, label_ids, sha256=sha256, fields=fields)
             self._persist()
         return ids.tolist()
 

@@ -179,6 +179,7 @@ def build_index(
                 **built_with,
                 on_disk=work,
                 sha256=content_hashes(ds.refs),
+                fields=user_fields(source, ds.refs),
             )
         index.set_search_defaults(nprobe=spec.nprobe, ef_search=spec.ef_search)
         with index_lock(out):
@@ -189,6 +190,16 @@ def build_index(
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     return index
+
+
+def user_fields(source: str, refs: Sequence[str]) -> list[dict[str, str]] | None:
+    """Each item's user fields: the extra columns of a CSV manifest (None for other sources)."""
+    if not str(source).lower().endswith(".csv"):
+        return None
+    from data.datasets import manifest_fields
+
+    by_ref = manifest_fields(source)
+    return [by_ref.get(ref, {}) for ref in refs]
 
 
 def add_to_index(
@@ -214,13 +225,14 @@ def add_to_index(
 
     with index_lock(index_dir):
         service = SearchService(index_dir, model_path, device=device)
-        vectors, refs, names = [], [], []
+        vectors, refs, names, extra = [], [], [], []
         files = [src for src in sources if not is_source(src)]
         if files:  # single images: unreadable ones skipped with one warning, as in folders
             ds = load_files(files, draft_size=service.image_size, source="the added files")
             vectors.append(service.embed([ds.image(i) for i in range(len(ds))]))
             refs += [str(Path(r).resolve()) for r in ds.refs]
             names += [label or UNLABELLED] * len(ds)
+            extra += [{} for _ in range(len(ds))]
         for src in sources:
             if is_source(src):
                 ds = open_source(src, draft_size=service.image_size, labels=labels)
@@ -237,7 +249,8 @@ def add_to_index(
                 )
                 refs += ds.refs
                 names += [label or ds.class_names[y] for y in ds.labels]
-        ids = service.add_vectors(np.concatenate(vectors), refs, names, content_hashes(refs))
+                extra += user_fields(src, ds.refs) or [{} for _ in range(len(ds))]
+        ids = service.add_vectors(np.concatenate(vectors), refs, names, content_hashes(refs), extra)
     return ids, len(service)
 
 

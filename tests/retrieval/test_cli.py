@@ -398,3 +398,32 @@ def test_indexed_files_carry_their_content_hash(trained_run, digits_folder, tmp_
     assert len(rows) == 2 * PER_CLASS + 1  # digit1, the added file, digit3
     for row in rows:
         assert row.sha256 == hashlib.sha256(Path(row.ref).read_bytes()).hexdigest(), row.ref
+
+
+def test_manifest_columns_become_fields_to_filter_on(trained_run, digits_folder, tmp_path, capsys):
+    import hashlib
+
+    images = sorted((digits_folder / "digit4").iterdir())[:12]
+    colours = {str(p.resolve()): ("red" if n % 3 == 0 else "blue") for n, p in enumerate(images)}
+    manifest = tmp_path / "m.csv"
+    lines = ["path,label,colour"] + [f"{p},four,{c}" for p, c in colours.items()]
+    manifest.write_text("\n".join(lines) + "\n")
+    index = tmp_path / "idx"
+    model = ["--model", trained_run / "best.pt"]
+    assert run_cli(["index", "build", manifest, *model, "--out", index], capsys)[0] == 0
+    query = images[1]
+    code, out, err = run_cli(
+        ["search", index, query, "--k", "10", "--json", "--where", "colour=red"], capsys
+    )
+    assert code == 0, err
+    hits = json.loads(out)["queries"][0]["results"]
+    assert sorted(h["ref"] for h in hits) == sorted(r for r, c in colours.items() if c == "red")
+    digest = hashlib.sha256(images[5].read_bytes()).hexdigest()
+    code, out, err = run_cli(
+        ["search", index, query, "--json", "--where", f"sha256={digest}"], capsys
+    )
+    assert [h["ref"] for h in json.loads(out)["queries"][0]["results"]] == [
+        str(images[5].resolve())
+    ]
+    code, _, err = run_cli(["search", index, query, "--where", "color=red"], capsys)
+    assert code == 2 and "the fields are: label, id, ref, sha256, colour" in " ".join(err.split())
