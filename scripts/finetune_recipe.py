@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict] = {
         "miner": None,
     },
     "backbone lr 3e-4, 1 epoch": {"backbone_lr": 3e-4, "epochs": 1},
+    "15 blocks": {"backbone_blocks": 15},
+    "12 blocks": {"backbone_blocks": 12},
     "no warm-up": {"warmup_epochs": 0.0},
 }
 

@@ -95,6 +95,7 @@ def model_from_checkpoint(state: dict) -> EmbeddingNet:
             cfg.get("embedding", "head"),
             stem=cfg.get("stem", "small"),
             image_size=cfg.get("image_size", DEFAULT_BACKBONE_IMAGE_SIZE),
+            backbone_blocks=cfg.get("backbone_blocks"),
         )
     except ValueError as exc:
         raise UserError(f"cannot rebuild the checkpoint's model: {exc}") from None

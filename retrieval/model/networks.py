@@ -91,14 +91,38 @@ class SmallConvNet(nn.Module):
 
 
 class LiteFeatures(nn.Module):
-    """EfficientNet-Lite's convolutional features, globally averaged: ``(batch, 1280)``."""
+    """EfficientNet-Lite's convolutional features, globally averaged: ``(batch, 1280)``.
 
-    def __init__(self, net: nn.Module):
+    With ``blocks`` only the stem and the first ``blocks`` of its 16 blocks are kept (the later
+    blocks and the 1x1 head convolution are dropped), and their output is averaged:
+    ``(batch, channels of block blocks)``, e.g. 192 for 15 blocks. Features of an earlier depth
+    transfer better to images unlike ImageNet's (docs/results.md, "what is indexed").
+    """
+
+    def __init__(self, net: nn.Module, blocks: int | None = None):
         super().__init__()
+        n = len(net._blocks)
+        if blocks is not None and not 1 <= blocks <= n:
+            raise ValueError(f"backbone_blocks must be between 1 and {n}, got {blocks}")
+        self.blocks = blocks
+        if blocks is not None:
+            net._blocks = net._blocks[:blocks]
+            net._conv_head, net._bn1 = nn.Identity(), nn.Identity()
+            self.out_features = net._blocks[-1]._project_conv.out_channels
+        else:
+            self.out_features = 1280
+        self.total_blocks = n
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
+        if self.blocks is None:
+            return torch.flatten(F.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        rate = net._global_params.drop_connect_rate
+        for idx, block in enumerate(net._blocks):  # as extract_features, fewer blocks
+            x = block(x, drop_connect_rate=rate * idx / self.total_blocks if rate else rate)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
 def _load(net: nn.Module, weights: StateDict | None, arch: str) -> None:
@@ -115,7 +139,9 @@ def _load(net: nn.Module, weights: StateDict | None, arch: str) -> None:
         ) from None
 
 
-def _small(stem: str, image_size: int, weights: StateDict | None) -> tuple[nn.Module, int]:
+def _small(
+    stem: str, image_size: int, weights: StateDict | None, blocks: int | None = None
+) -> tuple[nn.Module, int]:
     net = SmallConvNet()
     _load(net, weights, "small")
     return net, net.out_features
@@ -129,7 +155,9 @@ def _stride_one(conv: nn.Conv2d) -> None:
 def _torchvision(name: str) -> Callable[[str, int, StateDict | None], tuple[nn.Module, int]]:
     """Factory for torchvision backbone ``name``: load weights, adapt the stem, drop the head."""
 
-    def build(stem: str, image_size: int, weights: StateDict | None) -> tuple[nn.Module, int]:
+    def build(
+        stem: str, image_size: int, weights: StateDict | None, blocks: int | None = None
+    ) -> tuple[nn.Module, int]:
         import torchvision  # here, not at the top: loading a small model does not pay for it
 
         net = torchvision.models.get_model(name, weights=None)
@@ -161,7 +189,7 @@ def _torchvision(name: str) -> Callable[[str, int, StateDict | None], tuple[nn.M
 
 
 def _efficientnet_lite0(
-    stem: str, image_size: int, weights: StateDict | None
+    stem: str, image_size: int, weights: StateDict | None, blocks: int | None = None
 ) -> tuple[nn.Module, int]:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -174,7 +202,8 @@ def _efficientnet_lite0(
     net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
     _load(net, weights, "efficientnet_lite0")
     net._fc = nn.Identity()
-    return LiteFeatures(net), 1280
+    features = LiteFeatures(net, blocks)
+    return features, features.out_features
 
 
 #: Names of the torchvision backbones (their pretrained weights are torchvision's).
@@ -189,7 +218,7 @@ TORCHVISION_BACKBONES = (
 )
 
 #: name -> factory ``(stem, image_size, weights) -> (backbone, feature_dim)``.
-BACKBONES: dict[str, Callable[[str, int, StateDict | None], tuple[nn.Module, int]]] = {
+BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "small": _small,
     **{name: _torchvision(name) for name in TORCHVISION_BACKBONES},
     "efficientnet_lite0": _efficientnet_lite0,
@@ -245,6 +274,7 @@ def build_model(
     stem: str = "small",
     image_size: int = DEFAULT_BACKBONE_IMAGE_SIZE,
     weights: StateDict | None = None,
+    backbone_blocks: int | None = None,
 ) -> EmbeddingNet:
     """Build an :class:`EmbeddingNet` on backbone ``arch`` (see ``BACKBONES``).
 
@@ -255,6 +285,7 @@ def build_model(
         stem: ``small`` (28-64 px inputs) or ``imagenet`` (the original stem).
         image_size: input side in pixels (EfficientNet-Lite's padding depends on it).
         weights: pretrained backbone weights in the backbone's own format, or None.
+        backbone_blocks: keep only the first N blocks of the backbone (efficientnet_lite0).
     """
     if arch not in BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
@@ -262,5 +293,7 @@ def build_model(
         raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim}")
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-    backbone, feature_dim = BACKBONES[arch](stem, image_size, weights)
+    if backbone_blocks is not None and arch != "efficientnet_lite0":
+        raise ValueError(f"backbone_blocks applies to efficientnet_lite0, not {arch!r}")
+    backbone, feature_dim = BACKBONES[arch](stem, image_size, weights, backbone_blocks)
     return EmbeddingNet(backbone, feature_dim, embedding_dim, embedding)

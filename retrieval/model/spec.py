@@ -56,6 +56,7 @@ class ModelConfig:
         embedding_dim: length of the indexed vectors.
         image_size, mean, std: the preprocessing (:class:`Preprocessing`).
         stem: ``small`` or ``imagenet``.
+        backbone_blocks: blocks of the backbone kept (None: all).
     """
 
     arch: str
@@ -66,6 +67,7 @@ class ModelConfig:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     stem: str = "small"
+    backbone_blocks: int | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -79,11 +81,12 @@ class ModelConfig:
             mean=tuple(float(m) for m in values["mean"]),
             std=tuple(float(s) for s in values["std"]),
             stem=str(values.get("stem", "small")),
+            backbone_blocks=values.get("backbone_blocks"),
         )
 
     def as_dict(self) -> dict:
         """The dictionary stored in checkpoints."""
-        return {
+        out = {
             "arch": self.arch,
             "head_dim": self.head_dim,
             "embedding": self.embedding,
@@ -93,6 +96,9 @@ class ModelConfig:
             "std": list(self.std),
             "stem": self.stem,
         }
+        if self.backbone_blocks is not None:  # only then: older checkpoints stay identical
+            out["backbone_blocks"] = self.backbone_blocks
+        return out
 
     @property
     def preprocessing(self) -> Preprocessing:

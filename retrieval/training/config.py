@@ -73,6 +73,12 @@ class TrainConfig:
     pretrained: str | None = _opt(
         None, "imagenet, or PATH of a torchvision-format state dict of the backbone."
     )
+    backbone_blocks: int | None = _opt(
+        None,
+        "Keep only the first N blocks of the backbone (efficientnet_lite0: 1-16) and index "
+        "their averaged output; earlier features can transfer better to images unlike the "
+        "pretraining data. Default: all.",
+    )
     embedding_dim: int = _opt(DEFAULT_EMBEDDING_DIM, "Length of the embedding head's output.")
     embedding: str = _opt(
         "head",

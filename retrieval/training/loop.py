@@ -495,6 +495,7 @@ def build_network(
             stem=cfg.stem,
             image_size=cfg.image_size,
             weights=weights,
+            backbone_blocks=cfg.backbone_blocks,
         ).to(procs.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -509,6 +510,7 @@ def build_network(
         mean=tuple(data.mean),
         std=tuple(data.std),
         stem=cfg.stem,
+        backbone_blocks=cfg.backbone_blocks,
     )
     return net, spec.as_dict()
 

@@ -99,3 +99,60 @@ def test_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(UserError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_truncated_lite0_indexes_the_averaged_output_of_its_kept_blocks(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import torch.nn.functional as F
+
+    from retrieval.model.checkpoint import load_model, save_checkpoint
+    from retrieval.model.spec import ModelConfig
+
+    torch.manual_seed(0)
+    full = build_model("efficientnet_lite0", 16, "features", stem="imagenet", image_size=64)
+    cut = build_model(
+        "efficientnet_lite0", 16, "features", stem="imagenet", image_size=64, backbone_blocks=15
+    )
+    kept = {k: v for k, v in full.backbone.state_dict().items() if k in cut.backbone.state_dict()}
+    cut.backbone.load_state_dict(kept, strict=True)
+    seen = []
+    full.backbone.net._blocks[14].register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        full.eval()(x)
+        got = cut.eval()(x)
+    want = F.normalize(F.adaptive_avg_pool2d(seen[0], 1).flatten(1), dim=1)
+    assert got.shape == (2, 192) and cut.output_dim == 192
+    torch.testing.assert_close(got, want)
+    # a checkpoint rebuilds the truncated network
+    spec = ModelConfig(
+        "efficientnet_lite0",
+        16,
+        "features",
+        192,
+        64,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        "imagenet",
+        backbone_blocks=15,
+    )
+    save_checkpoint(tmp_path / "c.pt", cut, spec.as_dict())
+    model, state = load_model(tmp_path / "c.pt")
+    assert state["model_config"]["backbone_blocks"] == 15
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), got)
+    assert (
+        "backbone_blocks"
+        not in ModelConfig.from_dict(spec.as_dict() | {"backbone_blocks": None}).as_dict()
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,blocks,message",
+    [("small", 3, "applies to efficientnet_lite0"), ("efficientnet_lite0", 17, "between 1 and 16")],
+)
+def test_backbone_blocks_that_cannot_apply_are_refused(arch, blocks, message):
+    if arch == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
+    with pytest.raises(ValueError, match=message):
+        build_model(arch, 16, "features", backbone_blocks=blocks)

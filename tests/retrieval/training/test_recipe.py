@@ -128,9 +128,16 @@ def test_a_config_file_value_beats_the_recipe(tmp_path):
     assert cfg.freeze_bn is False and cfg.backbone_lr == PRETRAINED_RECIPE["backbone_lr"]
 
 
-def test_the_recipe_config_file_is_the_recipe():
-    loaded = yaml.safe_load((REPO / "configs" / "finetune-pretrained.yaml").read_text())
-    assert {k: v for k, v in loaded.items() if k in PRETRAINED_RECIPE} == PRETRAINED_RECIPE
+@pytest.mark.parametrize(
+    "name,changes",
+    [
+        ("finetune-pretrained", {}),
+        ("finetune-pretrained-small-images", {"backbone_blocks": 15}),
+    ],
+)
+def test_the_recipe_config_files_are_the_recipe(name, changes):
+    loaded = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    assert loaded == PRETRAINED_RECIPE | changes
     TrainConfig.from_dict(loaded).validate()
 
 
@@ -196,3 +203,22 @@ def test_best_checkpoint_falls_back_to_a_pretrained_start_that_no_epoch_beats(
     weights = torch.load(start, weights_only=True)
     for key, value in weights.items():
         torch.testing.assert_close(best["model"]["backbone." + key], value, rtol=0, atol=0)
+
+
+def test_a_run_on_the_first_blocks_of_lite0_records_them(digits_folder, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from retrieval.model.checkpoint import load_model
+
+    cfg = _cfg(digits_folder, tmp_path / "b", arch="efficientnet_lite0", stem="imagenet")
+    cfg.image_size, cfg.per_class, cfg.batch_size, cfg.m_per_class = 32, 8, 16, 4
+    cfg.backbone_blocks, cfg.embedding = 5, "features"
+    summary = train(cfg)
+    model, state = load_model(summary["best_checkpoint"])
+    assert state["model_config"]["backbone_blocks"] == 5
+    assert state["model_config"]["embedding_dim"] == 40 == model.output_dim  # block 5: 40 ch.
+    assert len(model.backbone.net._blocks) == 5
+
+
+def test_backbone_blocks_on_another_backbone_is_one_error(digits_folder, tmp_path):
+    with pytest.raises(UserError, match="applies to efficientnet_lite0"):
+        train(_cfg(digits_folder, tmp_path / "x", backbone_blocks=3))
