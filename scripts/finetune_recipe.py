@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "backbone lr 3e-4, 1 epoch": {"backbone_lr": 3e-4, "epochs": 1},
     "15 blocks": {"backbone_blocks": 15},
     "12 blocks": {"backbone_blocks": 12},
+    "15 blocks, supcon": {"backbone_blocks": 15, "loss": "supcon", "miner": None},
+    "15 blocks, backbone lr 1e-5": {"backbone_blocks": 15, "backbone_lr": 1e-5},
     "no warm-up": {"warmup_epochs": 0.0},
 }
 
