@@ -110,20 +110,18 @@ def sources(args: argparse.Namespace) -> tuple[dict, object]:
     """Training options naming the seen classes, and the unseen-class test set."""
     if args.dataset == "digits":
         seen, unseen = write_digits(Path(args.out) / "digits")
-        test = open_source(unseen)
-        if args.test_per_class is not None:
-            test = at_most_per_class(test, args.test_per_class, seed=0)
-        return {"data": seen, "classes": ""}, test
-    test = open_source("fashion-mnist", split="test").filter_classes([5, 6, 7, 8, 9])
+        given, test = {"data": seen, "classes": ""}, open_source(unseen)
+    else:
+        given = {"data": "fashion-mnist", "classes": "0-4", "per_class": args.per_class}
+        test = open_source("fashion-mnist", split="test").filter_classes([5, 6, 7, 8, 9])
     if args.test_per_class is not None:
         test = at_most_per_class(test, args.test_per_class, seed=0)
-    return {"data": "fashion-mnist", "classes": "0-4", "per_class": args.per_class}, test
+    return given, test
 
 
-def score(model, state: dict, test, device: str) -> dict:
-    emb = embed_dataset(
-        model, test.with_transform(preprocessing(state)), device=pick_device(device)
-    )
+def score(model, transform, test, device: str) -> dict:
+    """The table's metrics of ``model`` on ``test`` (leave-one-out, cosine)."""
+    emb = embed_dataset(model, test.with_transform(transform), device=pick_device(device))
     metrics = evaluate(emb, np.asarray(test.labels), ks=(1, 2, 4, 8), clustering=True).metrics
     return {k: round(float(metrics[k]), 4) for k in COLUMNS}
 
@@ -134,11 +132,7 @@ def start_row(cfg: TrainConfig, test, device: str) -> dict:
 
     t0 = time.perf_counter()
     embedder = resolve_model(f"{cfg.arch}:{cfg.pretrained}", image_size=cfg.image_size)
-    emb = embed_dataset(
-        embedder.model, test.with_transform(embedder.transform()), device=pick_device(device)
-    )
-    metrics = evaluate(emb, np.asarray(test.labels), ks=(1, 2, 4, 8), clustering=True).metrics
-    row = {k: round(float(metrics[k]), 4) for k in COLUMNS}
+    row = score(embedder.model, embedder.transform(), test, device)
     return {
         "variant": "pretrained start (no training)",
         "epoch": 0,
@@ -161,7 +155,7 @@ def run_variant(name: str, base: TrainConfig, test, args: argparse.Namespace) ->
             {
                 "variant": name,
                 "epoch": record["epoch"],
-                **score(model, state, test, args.device),
+                **score(model, preprocessing(state), test, args.device),
                 "images_per_s": round(record["images_per_s"], 1),
                 "seconds": round(time.perf_counter() - t0, 1),
             }

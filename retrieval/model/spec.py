@@ -81,7 +81,9 @@ class ModelConfig:
             mean=tuple(float(m) for m in values["mean"]),
             std=tuple(float(s) for s in values["std"]),
             stem=str(values.get("stem", "small")),
-            backbone_blocks=values.get("backbone_blocks"),
+            backbone_blocks=(
+                None if values.get("backbone_blocks") is None else int(values["backbone_blocks"])
+            ),
         )
 
     def as_dict(self) -> dict:

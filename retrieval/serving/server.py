@@ -150,9 +150,10 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": _too_large_text(limit)}, status_code=413)
 
 
-def _store_upload(data: bytes, fmt: str, folder: Path) -> Path:
-    """Keep an added image under a content-derived name (never a name from the request)."""
-    name = hashlib.sha256(data).hexdigest()[:32] + _EXTENSIONS.get(fmt, ".img")
+def _store_upload(data: bytes, digest: str, fmt: str, folder: Path) -> Path:
+    """Keep an added image under a content-derived name (never a name from the request);
+    ``digest`` is the hex SHA-256 of ``data``."""
+    name = digest[:32] + _EXTENSIONS.get(fmt, ".img")
     path = folder / name
     if not path.exists():
         write_bytes(path, data)
@@ -580,9 +581,9 @@ def create_app(
         if service.read_only:
             raise HTTPException(409, service.index.read_only_reason)
         data, image, fmt = decode_upload(file, service)
-        path = _store_upload(data, fmt, uploads)
-        name = (label or "").strip() or UNLABELLED
         digest = hashlib.sha256(data).hexdigest()
+        path = _store_upload(data, digest, fmt, uploads)
+        name = (label or "").strip() or UNLABELLED
         (new_id,) = service.add([image], [str(path)], [name], sha256=[digest])
         count("added")
         return {"id": new_id, "label": name, "image": f"/images/{new_id}", "items": len(service)}

@@ -50,7 +50,8 @@ class TrainConfig:
     )
     per_class: int | None = _opt(
         None,
-        "Use at most this many images of each training class (drawn with --seed; default all).",
+        "Use at most this many images of each class (drawn with --seed, before the validation "
+        "split; default all).",
     )
     val_fraction: float | None = _opt(
         None,

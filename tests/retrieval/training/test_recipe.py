@@ -13,21 +13,12 @@ from retrieval.training.config import TrainConfig, resolve_config
 from retrieval.training.loop import at_most_per_class, train
 from retrieval.training.recipe import PRETRAINED_RECIPE
 from tests.conftest import REPO
+from tests.retrieval.training.test_loop import _cfg as _loop_cfg
 
 
 def _cfg(digits_folder, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(digits_folder),
-        classes="0-4",
-        epochs=1,
-        batch_size=40,
-        m_per_class=8,
-        image_size=12,
-        device="cpu",
-        out=str(out),
-        val_fraction=0.0,
-    )
-    return TrainConfig(**(base | kw))
+    """test_loop's small run, without a validation split unless asked."""
+    return _loop_cfg(digits_folder, out, **({"val_fraction": 0.0} | kw))
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
