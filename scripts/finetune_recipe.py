@@ -68,6 +68,23 @@ VARIANTS: dict[str, dict] = {
     "15 blocks, supcon": {"backbone_blocks": 15, "loss": "supcon", "miner": None},
     "15 blocks, backbone lr 1e-5": {"backbone_blocks": 15, "backbone_lr": 1e-5},
     "no warm-up": {"warmup_epochs": 0.0},
+    "15 blocks, grid 3": {"backbone_blocks": 15, "pool_grid": 3},
+    "12 blocks, grid 3": {"backbone_blocks": 12, "pool_grid": 3},
+    "15 blocks, grid 3, backbone lr 1e-5": {
+        "backbone_blocks": 15,
+        "pool_grid": 3,
+        "backbone_lr": 1e-5,
+    },
+    "15 blocks, grid 3, no augmentation": {
+        "backbone_blocks": 15,
+        "pool_grid": 3,
+        "augment": False,
+    },
+    "15 blocks, grid 3, backbone lr 1e-4": {
+        "backbone_blocks": 15,
+        "pool_grid": 3,
+        "backbone_lr": 1e-4,
+    },
 }
 
 
@@ -126,15 +143,38 @@ def score(model, transform, test, device: str) -> dict:
     return {k: round(float(metrics[k]), 4) for k in COLUMNS}
 
 
+def start_name(cfg: TrainConfig) -> str:
+    """The start row's name: the pretrained network as ``cfg`` builds it."""
+    parts = []
+    if cfg.backbone_blocks is not None:
+        parts.append(f"first {cfg.backbone_blocks} blocks")
+    if cfg.pool_grid not in (None, 1):
+        parts.append(f"grid {cfg.pool_grid}")
+    return "pretrained start (no training)" + (", " + ", ".join(parts) if parts else "")
+
+
 def start_row(cfg: TrainConfig, test, device: str) -> dict:
-    """The pretrained start, embedded exactly as a trained checkpoint of this recipe would be."""
+    """The pretrained start, embedded exactly as a trained checkpoint of this recipe would be
+    (same blocks, same pooling, same preprocessing)."""
+    from retrieval.model.networks import build_model
+    from retrieval.model.pretrained import load_pretrained
     from retrieval.model.resolve import resolve_model
 
     t0 = time.perf_counter()
     embedder = resolve_model(f"{cfg.arch}:{cfg.pretrained}", image_size=cfg.image_size)
-    row = score(embedder.model, embedder.transform(), test, device)
+    model = build_model(
+        cfg.arch,
+        cfg.embedding_dim,
+        cfg.embedding,
+        stem=embedder.config.stem,
+        image_size=cfg.image_size,
+        weights=load_pretrained(cfg.arch, cfg.pretrained),
+        backbone_blocks=cfg.backbone_blocks,
+        pool_grid=cfg.pool_grid,
+    ).eval()
+    row = score(model, embedder.transform(), test, device)
     return {
-        "variant": "pretrained start (no training)",
+        "variant": start_name(cfg),
         "epoch": 0,
         **row,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -190,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         base = replace(base, image_size=args.image_size)
     base = replace(base, device=args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    rows = [start_row(base, test, args.device)]
-    logger.info("%s", rows[-1])
+    rows: list[dict] = []
+    started: set[str] = set()
     for name in args.variants:
+        cfg = replace(base, **VARIANTS[name])
+        if start_name(cfg) not in started:  # each network's own untrained start, once
+            started.add(start_name(cfg))
+            rows.append(start_row(cfg, test, args.device))
+            logger.info("%s", rows[-1])
         rows += run_variant(name, base, test, args)
         write_json(Path(args.out) / "results.json", rows)
     command = "PYTHONPATH=. python scripts/finetune_recipe.py " + shlex.join(argv or sys.argv[1:])

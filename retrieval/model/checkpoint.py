@@ -96,6 +96,7 @@ def model_from_checkpoint(state: dict) -> EmbeddingNet:
             stem=cfg.get("stem", "small"),
             image_size=cfg.get("image_size", DEFAULT_BACKBONE_IMAGE_SIZE),
             backbone_blocks=cfg.get("backbone_blocks"),
+            pool_grid=cfg.get("pool_grid"),
         )
     except ValueError as exc:
         raise UserError(f"cannot rebuild the checkpoint's model: {exc}") from None

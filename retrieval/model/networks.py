@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Input side the backbones are built for when none is given (Fashion-MNIST's).
 DEFAULT_BACKBONE_IMAGE_SIZE = 28
+#: Largest ``pool_grid``: 8 x 8 cells of 1280 channels are already an 81,920-d vector.
+MAX_POOL_GRID = 8
 #: ImageNet channel statistics, the normalisation torchvision's pretrained weights expect.
 IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 #: Fixed input normalisation (mean, std) of backbones whose weights expect one.
@@ -97,32 +99,44 @@ class LiteFeatures(nn.Module):
     blocks and the 1x1 head convolution are dropped), and their output is averaged:
     ``(batch, channels of block blocks)``, e.g. 192 for 15 blocks. Features of an earlier depth
     transfer better to images unlike ImageNet's (docs/results.md, "what is indexed").
+
+    With ``grid`` > 1 the last feature map is averaged over a ``grid x grid`` layout instead of
+    globally (as :class:`SmallConvNet` does): ``(batch, channels * grid * grid)``. The vector
+    then keeps *where* things are, which is most of the signal for centred images such as
+    product shots on a plain background, scans and silhouettes, and costs some invariance to
+    where the object sits.
     """
 
-    def __init__(self, net: nn.Module, blocks: int | None = None):
+    def __init__(self, net: nn.Module, blocks: int | None = None, grid: int = 1):
         super().__init__()
         n = len(net._blocks)
         if blocks is not None and not 1 <= blocks <= n:
             raise ValueError(f"backbone_blocks must be between 1 and {n}, got {blocks}")
+        if not 1 <= grid <= MAX_POOL_GRID:
+            raise ValueError(f"pool_grid must be between 1 and {MAX_POOL_GRID}, got {grid}")
         self.blocks = blocks
+        self.grid = grid
         if blocks is not None:
             net._blocks = net._blocks[:blocks]
             net._conv_head, net._bn1 = nn.Identity(), nn.Identity()
-            self.out_features = net._blocks[-1]._project_conv.out_channels
+            channels = net._blocks[-1]._project_conv.out_channels
         else:
-            self.out_features = 1280
+            channels = 1280
+        self.out_features = channels * grid * grid
         self.total_blocks = n
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is None:
-            return torch.flatten(F.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        rate = net._global_params.drop_connect_rate
-        for idx, block in enumerate(net._blocks):  # as extract_features, fewer blocks
-            x = block(x, drop_connect_rate=rate * idx / self.total_blocks if rate else rate)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+            x = self.net.extract_features(x)
+        else:
+            net = self.net
+            x = net._swish(net._bn0(net._conv_stem(x)))
+            rate = net._global_params.drop_connect_rate
+            for idx, block in enumerate(net._blocks):  # as extract_features, fewer blocks
+                x = block(x, drop_connect_rate=rate * idx / self.total_blocks if rate else rate)
+        # (batch, channels, grid, grid) -> (batch, channels * grid * grid)
+        return torch.flatten(F.adaptive_avg_pool2d(x, self.grid), 1)
 
 
 def _load(net: nn.Module, weights: StateDict | None, arch: str) -> None:
@@ -189,7 +203,11 @@ def _torchvision(name: str) -> Callable[[str, int, StateDict | None], tuple[nn.M
 
 
 def _efficientnet_lite0(
-    stem: str, image_size: int, weights: StateDict | None, blocks: int | None = None
+    stem: str,
+    image_size: int,
+    weights: StateDict | None,
+    blocks: int | None = None,
+    grid: int = 1,
 ) -> tuple[nn.Module, int]:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -202,7 +220,7 @@ def _efficientnet_lite0(
     net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
     _load(net, weights, "efficientnet_lite0")
     net._fc = nn.Identity()
-    features = LiteFeatures(net, blocks)
+    features = LiteFeatures(net, blocks, grid)
     return features, features.out_features
 
 
@@ -275,6 +293,7 @@ def build_model(
     image_size: int = DEFAULT_BACKBONE_IMAGE_SIZE,
     weights: StateDict | None = None,
     backbone_blocks: int | None = None,
+    pool_grid: int | None = None,
 ) -> EmbeddingNet:
     """Build an :class:`EmbeddingNet` on backbone ``arch`` (see ``BACKBONES``).
 
@@ -286,6 +305,8 @@ def build_model(
         image_size: input side in pixels (EfficientNet-Lite's padding depends on it).
         weights: pretrained backbone weights in the backbone's own format, or None.
         backbone_blocks: keep only the first N blocks of the backbone (efficientnet_lite0).
+        pool_grid: average the last feature map over a ``pool_grid x pool_grid`` layout
+            instead of globally (efficientnet_lite0; None or 1: globally).
     """
     if arch not in BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
@@ -295,5 +316,12 @@ def build_model(
         raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
     if backbone_blocks is not None and arch != "efficientnet_lite0":
         raise ValueError(f"backbone_blocks applies to efficientnet_lite0, not {arch!r}")
-    backbone, feature_dim = BACKBONES[arch](stem, image_size, weights, backbone_blocks)
+    if pool_grid not in (None, 1) and arch != "efficientnet_lite0":
+        raise ValueError(f"pool_grid applies to efficientnet_lite0, not {arch!r}")
+    if pool_grid not in (None, 1):
+        backbone, feature_dim = BACKBONES[arch](
+            stem, image_size, weights, backbone_blocks, pool_grid
+        )
+    else:
+        backbone, feature_dim = BACKBONES[arch](stem, image_size, weights, backbone_blocks)
     return EmbeddingNet(backbone, feature_dim, embedding_dim, embedding)

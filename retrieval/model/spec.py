@@ -57,6 +57,7 @@ class ModelConfig:
         image_size, mean, std: the preprocessing (:class:`Preprocessing`).
         stem: ``small`` or ``imagenet``.
         backbone_blocks: blocks of the backbone kept (None: all).
+        pool_grid: side of the layout the last feature map is averaged over (None: 1, global).
     """
 
     arch: str
@@ -68,6 +69,7 @@ class ModelConfig:
     std: tuple[float, ...]
     stem: str = "small"
     backbone_blocks: int | None = None
+    pool_grid: int | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -84,6 +86,7 @@ class ModelConfig:
             backbone_blocks=(
                 None if values.get("backbone_blocks") is None else int(values["backbone_blocks"])
             ),
+            pool_grid=None if values.get("pool_grid") is None else int(values["pool_grid"]),
         )
 
     def as_dict(self) -> dict:
@@ -100,6 +103,8 @@ class ModelConfig:
         }
         if self.backbone_blocks is not None:  # only then: older checkpoints stay identical
             out["backbone_blocks"] = self.backbone_blocks
+        if self.pool_grid is not None:
+            out["pool_grid"] = self.pool_grid
         return out
 
     @property

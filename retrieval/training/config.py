@@ -80,6 +80,12 @@ class TrainConfig:
         "their averaged output; earlier features can transfer better to images unlike the "
         "pretraining data. Default: all.",
     )
+    pool_grid: int | None = _opt(
+        None,
+        "Average the backbone's last feature map over an N x N layout instead of globally "
+        "(efficientnet_lite0): the indexed features keep where things are, which helps "
+        "centred images (product shots, scans, silhouettes). Default: 1, global.",
+    )
     embedding_dim: int = _opt(DEFAULT_EMBEDDING_DIM, "Length of the embedding head's output.")
     embedding: str = _opt(
         "head",
@@ -148,7 +154,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` on values that cannot work."""
-        from retrieval.model.networks import BACKBONES
+        from retrieval.model.networks import BACKBONES, MAX_POOL_GRID
         from retrieval.training.objectives import MINERS, TRAINING_LOSSES
 
         positive = ("embedding_dim", "image_size", "epochs", "batch_size", "m_per_class")
@@ -173,6 +179,11 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.backbone_lr is not None and self.backbone_lr < 0:
             raise UserError(f"backbone_lr must not be negative (0 freezes), got {self.backbone_lr}")
+        if self.pool_grid is not None and not 1 <= self.pool_grid <= MAX_POOL_GRID:
+            raise UserError(
+                f"pool_grid must be between 1 and {MAX_POOL_GRID} (cells per side), got "
+                f"{self.pool_grid}"
+            )
         if self.per_class is not None and self.per_class < 2:
             raise UserError(f"per_class must be at least 2 (a positive pair), got {self.per_class}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):

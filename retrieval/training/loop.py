@@ -496,6 +496,7 @@ def build_network(
             image_size=cfg.image_size,
             weights=weights,
             backbone_blocks=cfg.backbone_blocks,
+            pool_grid=cfg.pool_grid,
         ).to(procs.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -511,6 +512,7 @@ def build_network(
         std=tuple(data.std),
         stem=cfg.stem,
         backbone_blocks=cfg.backbone_blocks,
+        pool_grid=cfg.pool_grid,
     )
     return net, spec.as_dict()
 

@@ -147,6 +147,58 @@ def test_a_truncated_lite0_indexes_the_averaged_output_of_its_kept_blocks(tmp_pa
     )
 
 
+def test_a_pool_grid_keeps_the_layout_of_the_last_feature_map(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import torch.nn.functional as F
+
+    from retrieval.model.checkpoint import load_model, save_checkpoint
+    from retrieval.model.spec import ModelConfig
+
+    torch.manual_seed(0)
+    kw = {"stem": "imagenet", "image_size": 96, "backbone_blocks": 15}
+    pooled = build_model("efficientnet_lite0", 16, "features", **kw)
+    grid = build_model("efficientnet_lite0", 16, "features", pool_grid=3, **kw)
+    grid.backbone.load_state_dict(pooled.backbone.state_dict(), strict=True)
+    seen = []
+    grid.backbone.net._blocks[14].register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        got = grid.eval()(x)
+        flat = pooled.eval()(x)
+    fmap = seen[0]  # (2, 192, 3, 3) at 96 px: every cell its own 192 numbers
+    assert fmap.shape == (2, 192, 3, 3) and got.shape == (2, 1728) == (2, grid.output_dim)
+    torch.testing.assert_close(got, F.normalize(fmap.flatten(1), dim=1))
+    # the cells average to the globally pooled vector
+    cells = got.reshape(2, 192, 9) * fmap.flatten(1).norm(dim=1)[:, None, None]
+    torch.testing.assert_close(F.normalize(cells.mean(2), dim=1), flat)
+    spec = ModelConfig(
+        "efficientnet_lite0", 16, "features", 1728, 96, (0.5,) * 3, (0.5,) * 3, "imagenet",
+        backbone_blocks=15, pool_grid=3,
+    )  # fmt: skip
+    save_checkpoint(tmp_path / "g.pt", grid, spec.as_dict())
+    model, state = load_model(tmp_path / "g.pt")
+    assert state["model_config"]["pool_grid"] == 3
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), got)
+    assert "pool_grid" not in ModelConfig.from_dict(spec.as_dict() | {"pool_grid": None}).as_dict()
+    # a grid of 1 is the global average
+    one = build_model("efficientnet_lite0", 16, "features", pool_grid=1, **kw)
+    one.backbone.load_state_dict(pooled.backbone.state_dict(), strict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(one.eval()(x), flat)
+
+
+@pytest.mark.parametrize(
+    "arch,grid,message",
+    [("small", 2, "applies to efficientnet_lite0"), ("efficientnet_lite0", 9, "between 1 and 8")],
+)
+def test_pool_grids_that_cannot_apply_are_refused(arch, grid, message):
+    if arch == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
+    with pytest.raises(ValueError, match=message):
+        build_model(arch, 16, "features", pool_grid=grid)
+
+
 @pytest.mark.parametrize(
     "arch,blocks,message",
     [("small", 3, "applies to efficientnet_lite0"), ("efficientnet_lite0", 17, "between 1 and 16")],

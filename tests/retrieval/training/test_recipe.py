@@ -210,6 +210,25 @@ def test_a_run_on_the_first_blocks_of_lite0_records_them(digits_folder, tmp_path
     assert len(model.backbone.net._blocks) == 5
 
 
+def test_a_run_with_a_pool_grid_indexes_every_cell(digits_folder, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from retrieval.model.checkpoint import load_model
+
+    cfg = _cfg(digits_folder, tmp_path / "g", arch="efficientnet_lite0", stem="imagenet")
+    cfg.image_size, cfg.per_class, cfg.batch_size, cfg.m_per_class = 32, 8, 16, 4
+    cfg.backbone_blocks, cfg.pool_grid, cfg.embedding = 5, 2, "features"
+    summary = train(cfg)
+    model, state = load_model(summary["best_checkpoint"])
+    assert state["model_config"]["pool_grid"] == 2
+    assert state["model_config"]["embedding_dim"] == 160 == model.output_dim  # 40 ch. x 2 x 2
+
+
+@pytest.mark.parametrize("grid", [0, 9, -1])
+def test_a_pool_grid_out_of_range_is_one_error(grid):
+    with pytest.raises(UserError, match="pool_grid must be between 1 and 8"):
+        TrainConfig(pool_grid=grid).validate()
+
+
 def test_backbone_blocks_on_another_backbone_is_one_error(digits_folder, tmp_path):
     with pytest.raises(UserError, match="applies to efficientnet_lite0"):
         train(_cfg(digits_folder, tmp_path / "x", backbone_blocks=3))
