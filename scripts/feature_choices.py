@@ -6,7 +6,8 @@ R@1 and MAP@R of:
 
 - the last feature map pooled by average (what is indexed), GeM (p = 3) and max;
 - PCA whitening of the averaged features, learned on images of the seen classes 0-4;
-- the averaged output of every block of the network (which depth transfers best).
+- the output of every block of the network, averaged globally and over a 3 x 3 grid (which
+  depth transfers best, and whether keeping the layout helps: ``--pool-grid 3``).
 
 Usage::
 
@@ -60,7 +61,7 @@ def datasets(args: argparse.Namespace):
 
 def feature_maps(embedder, dataset, per_block: bool) -> dict[str, np.ndarray]:
     """Pooled vectors of ``dataset``: ``avg``, ``gem``, ``max`` and (``per_block``) every
-    block's average."""
+    block's average (``block i``) and 3 x 3 grid average (``grid block i``)."""
     net = embedder.model.backbone.net  # EfficientNet-Lite's own module
     ds = dataset.with_transform(embedder.transform())
     out: dict[str, list] = {}
@@ -70,6 +71,8 @@ def feature_maps(embedder, dataset, per_block: bool) -> dict[str, np.ndarray]:
 
             def keep(module, inputs, output, name=f"block {i}"):
                 out.setdefault(name, []).append(F.adaptive_avg_pool2d(output, 1).flatten(1))
+                grid = F.adaptive_avg_pool2d(output, 3).flatten(1)
+                out.setdefault(f"grid {name}", []).append(grid)
 
             hooks.append(block.register_forward_hook(keep))
     with torch.inference_mode():
@@ -107,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         pca = PCA(n_components=dims, whiten=True).fit(learned)
         print(f"PCA whitening {dims:4d}-d  {score(pca.transform(unseen['avg']), y)}")
     for name in sorted((k for k in unseen if k.startswith("block")), key=lambda k: int(k[6:])):
-        print(f"{name:8s} {unseen[name].shape[1]:4d}-d   {score(unseen[name], y)}")
+        grid = unseen[f"grid {name}"]
+        print(
+            f"{name:8s} {unseen[name].shape[1]:4d}-d   {score(unseen[name], y)}   "
+            f"grid 3: {grid.shape[1]:4d}-d   {score(grid, y)}"
+        )
     return 0
 
 

@@ -80,6 +80,12 @@ VARIANTS: dict[str, dict] = {
         "pool_grid": 3,
         "augment": False,
     },
+    "15 blocks, grid 3, backbone lr 1e-4, no augmentation": {
+        "backbone_blocks": 15,
+        "pool_grid": 3,
+        "backbone_lr": 1e-4,
+        "augment": False,
+    },
     "15 blocks, grid 3, backbone lr 1e-4": {
         "backbone_blocks": 15,
         "pool_grid": 3,

@@ -125,6 +125,8 @@ class LiteFeatures(nn.Module):
         self.out_features = channels * grid * grid
         self.total_blocks = n
         self.net = net
+        # a module, not F.adaptive_avg_pool2d: ONNX export swaps it for a fixed-size one
+        self.pool = nn.AdaptiveAvgPool2d(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is None:
@@ -136,7 +138,7 @@ class LiteFeatures(nn.Module):
             for idx, block in enumerate(net._blocks):  # as extract_features, fewer blocks
                 x = block(x, drop_connect_rate=rate * idx / self.total_blocks if rate else rate)
         # (batch, channels, grid, grid) -> (batch, channels * grid * grid)
-        return torch.flatten(F.adaptive_avg_pool2d(x, self.grid), 1)
+        return torch.flatten(self.pool(x), 1)
 
 
 def _load(net: nn.Module, weights: StateDict | None, arch: str) -> None:

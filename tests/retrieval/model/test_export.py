@@ -115,6 +115,24 @@ def test_export_api_other_models(tmp_path, arch, embedding):
     assert max_difference(model, ts_path, "torchscript", IMAGE_SIZE) <= TOLERANCE
 
 
+def test_a_lite0_on_a_grid_exports_when_the_grid_does_not_divide_its_map(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from retrieval.model.networks import build_model
+
+    torch.manual_seed(0)
+    # 112 px: the 15th block's map is 4 x 4, pooled to 3 x 3 (overlapping cells)
+    model = build_model(
+        "efficientnet_lite0", 16, "features", stem="imagenet", image_size=112,
+        backbone_blocks=15, pool_grid=3,
+    ).eval()  # fmt: skip
+    onnx_path = export_onnx(model, 112, tmp_path / "g.onnx")
+    assert max_difference(model, onnx_path, "onnx", 112) <= TOLERANCE
+    assert (
+        max_difference(model, export_torchscript(model, 112, tmp_path / "g.ts"), "torchscript", 112)
+        <= TOLERANCE
+    )
+
+
 def test_export_needs_a_format_and_a_checkpoint(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "model.pt")
     code, _, err = run_cli(["export", ckpt], capsys)

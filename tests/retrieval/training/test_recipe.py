@@ -123,7 +123,10 @@ def test_a_config_file_value_beats_the_recipe(tmp_path):
     "name,changes",
     [
         ("finetune-pretrained", {}),
-        ("finetune-pretrained-small-images", {"backbone_blocks": 15}),
+        (
+            "finetune-pretrained-small-images",
+            {"backbone_blocks": 15, "pool_grid": 3},
+        ),
     ],
 )
 def test_the_recipe_config_files_are_the_recipe(name, changes):
