@@ -34,6 +34,7 @@ EfficientNet-Lite's), loaded before the stem and classifier are changed; see
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -223,7 +224,23 @@ def _efficientnet_lite0(
     _load(net, weights, "efficientnet_lite0")
     net._fc = nn.Identity()
     features = LiteFeatures(net, blocks, grid)
+    side = lite_map_side(features.net, image_size)
+    if grid > side:
+        kept = f"the first {blocks} blocks" if blocks is not None else "the network"
+        raise ValueError(
+            f"pool_grid {grid} is finer than the {side} x {side} feature map of {kept} at "
+            f"{image_size} px; use a pool_grid of at most {side} or a larger image_size"
+        )
     return features, features.out_features
+
+
+def lite_map_side(net: nn.Module, image_size: int) -> int:
+    """Side of the last feature map of EfficientNet-Lite ``net`` for ``image_size`` inputs
+    ('same' padding: every stride ``s`` turns ``n`` cells into ``ceil(n / s)``)."""
+    side = math.ceil(image_size / net._conv_stem.stride[0])
+    for block in net._blocks:
+        side = math.ceil(side / block._depthwise_conv.stride[0])
+    return side
 
 
 #: Names of the torchvision backbones (their pretrained weights are torchvision's).

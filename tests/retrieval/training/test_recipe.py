@@ -226,6 +226,16 @@ def test_a_run_with_a_pool_grid_indexes_every_cell(digits_folder, tmp_path):
     assert state["model_config"]["embedding_dim"] == 160 == model.output_dim  # 40 ch. x 2 x 2
 
 
+def test_a_pool_grid_finer_than_the_feature_map_is_one_error(digits_folder, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    cfg = _cfg(digits_folder, tmp_path / "g", arch="efficientnet_lite0", stem="imagenet")
+    cfg.image_size, cfg.backbone_blocks, cfg.embedding = 32, 5, "features"
+    cfg.pool_grid = 5  # 32 px -> the 5th block's map is 4 x 4
+    with pytest.raises(UserError, match="finer than the 4 x 4 feature map .* at most 4"):
+        train(cfg)
+    assert not (tmp_path / "g" / "best.pt").exists()
+
+
 @pytest.mark.parametrize("grid", [0, 9, -1])
 def test_a_pool_grid_out_of_range_is_one_error(grid):
     with pytest.raises(UserError, match="pool_grid must be between 1 and 8"):
