@@ -9,10 +9,15 @@ R@1 and MAP@R of:
 - the output of every block of the network, averaged globally and over a 3 x 3 grid (which
   depth transfers best, and whether keeping the layout helps: ``--pool-grid 3``).
 
+With ``--plot PNG``, a chart of MAP@R against depth (global average and 3 x 3 grid, one
+panel per data set), as in docs/results.md.
+
 Usage::
 
     PYTHONPATH=. python scripts/feature_choices.py --dataset digits
     PYTHONPATH=. python scripts/feature_choices.py --dataset fashion-mnist --test-per-class 400
+    PYTHONPATH=. python scripts/feature_choices.py --dataset fashion-mnist digits \
+        --plot docs/feature_depth.png
 """
 
 from __future__ import annotations
@@ -37,17 +42,18 @@ from finetune_recipe import write_digits  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="digits")
+    p.add_argument("--dataset", nargs="+", choices=("fashion-mnist", "digits"), default=["digits"])
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--per-class", type=int, default=400, help="seen images per class (PCA)")
     p.add_argument("--test-per-class", type=int, default=None, help="default: all")
     p.add_argument("--whiten-dims", type=int, nargs="+", default=[128, 256])
     p.add_argument("--out", default="runs/recipe", help="where the digits folders are written")
+    p.add_argument("--plot", default=None, help="write the MAP@R-by-depth chart here (PNG)")
     return p
 
 
-def datasets(args: argparse.Namespace):
-    if args.dataset == "digits":
+def datasets(args: argparse.Namespace, name: str):
+    if name == "digits":
         seen, unseen = write_digits(Path(args.out) / "digits")
         seen_ds, test = open_source(seen), open_source(unseen)
     else:
@@ -88,10 +94,40 @@ def feature_maps(embedder, dataset, per_block: bool) -> dict[str, np.ndarray]:
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def score(x: np.ndarray, y: np.ndarray) -> str:
+def metrics(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Leave-one-out R@1 and MAP@R of the L2-normalised rows of ``x``."""
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     m = evaluate(x, y, ks=(1,), clustering=False).metrics
-    return f"R@1 {m['recall@1']:.3f}  MAP@R {m['map@r']:.3f}"
+    return float(m["recall@1"]), float(m["map@r"])
+
+
+def score(x: np.ndarray, y: np.ndarray) -> str:
+    r1, map_r = metrics(x, y)
+    return f"R@1 {r1:.3f}  MAP@R {map_r:.3f}"
+
+
+def plot(path: str, curves: dict[str, dict], image_size: int) -> None:
+    """MAP@R of every block, globally averaged and on a 3 x 3 grid, one panel per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.8), squeeze=False)
+    for ax, (name, c) in zip(axes[0], curves.items(), strict=True):
+        depth = np.arange(1, len(c["avg"]) + 1)
+        ax.plot(depth, c["avg"], "o-", label="global average")
+        ax.plot(depth, c["grid"], "s-", label="3 x 3 grid (--pool-grid 3)")
+        ax.axhline(c["indexed"], color="grey", ls="--", label="whole network (the default)")
+        ax.set(title=f"{name}, unseen classes 5-9", xlabel="blocks kept (--backbone-blocks)")
+        ax.set_ylabel("MAP@R (leave-one-out)")
+        ax.set_xticks(depth)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"EfficientNet-Lite0, ImageNet weights, no training, {image_size} px")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,22 +135,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    seen, test = datasets(args)
     embedder = resolve_model("efficientnet_lite0", image_size=args.image_size)
-    y = np.asarray(test.labels)
-    unseen = feature_maps(embedder, test, per_block=True)
-    for name in ("avg", "gem", "max"):
-        print(f"pooling {name:4s}          {score(unseen[name], y)}")
-    learned = feature_maps(embedder, seen, per_block=False)["avg"]
-    for dims in args.whiten_dims:
-        pca = PCA(n_components=dims, whiten=True).fit(learned)
-        print(f"PCA whitening {dims:4d}-d  {score(pca.transform(unseen['avg']), y)}")
-    for name in sorted((k for k in unseen if k.startswith("block")), key=lambda k: int(k[6:])):
-        grid = unseen[f"grid {name}"]
-        print(
-            f"{name:8s} {unseen[name].shape[1]:4d}-d   {score(unseen[name], y)}   "
-            f"grid 3: {grid.shape[1]:4d}-d   {score(grid, y)}"
-        )
+    curves: dict[str, dict] = {}
+    for dataset in args.dataset:
+        print(f"{dataset}:")
+        seen, test = datasets(args, dataset)
+        y = np.asarray(test.labels)
+        unseen = feature_maps(embedder, test, per_block=True)
+        for name in ("avg", "gem", "max"):
+            print(f"pooling {name:4s}          {score(unseen[name], y)}")
+        learned = feature_maps(embedder, seen, per_block=False)["avg"]
+        for dims in args.whiten_dims:
+            pca = PCA(n_components=dims, whiten=True).fit(learned)
+            print(f"PCA whitening {dims:4d}-d  {score(pca.transform(unseen['avg']), y)}")
+        curve = {"avg": [], "grid": [], "indexed": metrics(unseen["avg"], y)[1]}
+        blocks = sorted((k for k in unseen if k.startswith("block")), key=lambda k: int(k[6:]))
+        for name in blocks:
+            flat, grid = unseen[name], unseen[f"grid {name}"]
+            (r1, map_r), (g_r1, g_map_r) = metrics(flat, y), metrics(grid, y)
+            curve["avg"].append(map_r)
+            curve["grid"].append(g_map_r)
+            print(
+                f"{name:8s} {flat.shape[1]:4d}-d   R@1 {r1:.3f}  MAP@R {map_r:.3f}   "
+                f"grid 3: {grid.shape[1]:4d}-d   R@1 {g_r1:.3f}  MAP@R {g_map_r:.3f}"
+            )
+        curves[dataset] = curve
+    if args.plot:
+        plot(args.plot, curves, args.image_size)
+        print(f"wrote {args.plot}")
     return 0
 
 
