@@ -189,22 +189,17 @@ def test_a_pool_grid_keeps_the_layout_of_the_last_feature_map(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch,grid,message",
-    [("small", 2, "applies to efficientnet_lite0"), ("efficientnet_lite0", 9, "between 1 and 8")],
+    "arch,options,message",
+    [
+        ("small", {"backbone_blocks": 3}, "backbone_blocks applies to efficientnet_lite0"),
+        ("efficientnet_lite0", {"backbone_blocks": 17}, "between 1 and 16"),
+        ("small", {"pool_grid": 2}, "pool_grid applies to efficientnet_lite0"),
+        ("efficientnet_lite0", {"pool_grid": 9}, "between 1 and 8"),
+        ("efficientnet_lite0", {"pool_grid": 2}, "finer than the 1 x 1 feature map .* 28 px"),
+    ],
 )
-def test_pool_grids_that_cannot_apply_are_refused(arch, grid, message):
+def test_structure_options_that_cannot_apply_are_refused(arch, options, message):
     if arch == "efficientnet_lite0":
         pytest.importorskip("efficientnet_lite_pytorch")
     with pytest.raises(ValueError, match=message):
-        build_model(arch, 16, "features", pool_grid=grid)
-
-
-@pytest.mark.parametrize(
-    "arch,blocks,message",
-    [("small", 3, "applies to efficientnet_lite0"), ("efficientnet_lite0", 17, "between 1 and 16")],
-)
-def test_backbone_blocks_that_cannot_apply_are_refused(arch, blocks, message):
-    if arch == "efficientnet_lite0":
-        pytest.importorskip("efficientnet_lite_pytorch")
-    with pytest.raises(ValueError, match=message):
-        build_model(arch, 16, "features", backbone_blocks=blocks)
+        build_model(arch, 16, "features", **options)
