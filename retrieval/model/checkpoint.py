@@ -7,7 +7,8 @@ A checkpoint is a ``torch.save`` dictionary of tensors and plain values only, so
 - ``model``: the :class:`~retrieval.model.networks.EmbeddingNet` state dict;
 - ``model_config``: ``arch``, ``head_dim`` (the embedding head's size), ``embedding``
   (``head`` or ``features``: what is indexed), ``embedding_dim`` (length of the indexed
-  vectors), ``image_size``, ``mean``, ``std``, ``stem`` (``small`` when absent);
+  vectors), ``image_size``, ``mean``, ``std``, ``stem`` (``small`` when absent), and only
+  when set ``backbone_blocks`` (blocks kept) and ``pool_grid`` (side of the pooled grid);
 - ``config``: the resolved training configuration;
 - ``class_names``: names of the training classes;
 - any extra entries the trainer adds: ``epoch``, ``metrics``; in ``last.pt`` also the
