@@ -9,6 +9,7 @@ cheap (no torch): the registries it checks against are imported by :meth:`TrainC
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,41 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _checked(name, value, hints[name]) for name, value in values.items()})
+
+
+#: How a type is named in an error message.
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping of key: value",
+}
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it fits the field's type ``hint``, else :class:`UserError` (a config file
+    can hold ``epochs: "3"`` or ``augment: 1``, which would fail later with a traceback). An
+    integer is a number, ``true`` is not a whole number, and a number given for a text field
+    is that text (YAML reads ``val_classes: 0.2`` and ``classes: 5`` as numbers)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return value
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if kind in (str, dict) and isinstance(value, kind):
+            return value
+    if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    wanted = " or ".join(_TYPE_NAMES.get(k, "nothing (null)") for k in allowed)
+    raise UserError(f"{name} must be {wanted}, got {value!r}")
 
 
 def resolve_config(

@@ -11,6 +11,7 @@ import yaml
 
 from data.datasets import open_source
 from retrieval.errors import UserError
+from retrieval.training.config import resolve_config
 from retrieval.training.loop import TrainConfig, channel_stats, train
 from retrieval.training.objectives import NAMED_LOSSES, TRAINING_LOSSES, Objective
 from tests.conftest import run_cli
@@ -294,6 +295,32 @@ def test_channel_stats_match_numpy(digits_folder):
     want_std = pixels.std(dim=(0, 2, 3), unbiased=False)
     assert mean == pytest.approx(want_mean.tolist(), abs=1e-4)
     assert std == pytest.approx(want_std.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('epochs: "3"', "epochs must be a whole number, got '3'"),
+        ("augment: 1", "augment must be true or false, got 1"),
+        ("pool_grid: true", "pool_grid must be a whole number or nothing (null), got True"),
+        ("lr: fast", "lr must be a number, got 'fast'"),
+        ("loss_args: [1, 2]", "loss_args must be a mapping of key: value, got [1, 2]"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_one_error(tmp_path, line, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(UserError) as caught:
+        resolve_config({}, path)
+    assert str(caught.value) == message
+
+
+def test_numbers_in_a_config_file_are_read_as_the_text_fields_they_fill(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("val_classes: 0.4\nclasses: 5\nlr: 1\nbackbone_lr: 0\n")
+    cfg = resolve_config({}, path)
+    assert (cfg.val_classes, cfg.classes) == ("0.4", "5")  # YAML read them as numbers
+    assert cfg.lr == 1 and cfg.backbone_lr == 0  # a whole number is a number
 
 
 def test_every_example_config_is_valid():
