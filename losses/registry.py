@@ -123,7 +123,16 @@ for _name, _builder in {
 
 
 def _check_kwargs(kind: str, name: str, builder: Callable[..., Any], kwargs: dict) -> None:
+    """Refuse keywords ``builder`` does not take, and values of another kind than a numeric
+    or true/false default (``margin="abc"`` would fail only in the first forward pass)."""
     params = inspect.signature(builder).parameters
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise TypeError(f"{kind} {name!r}: {key} must be true or false, got {value!r}")
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{kind} {name!r}: {key} must be a number, got {value!r}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params))

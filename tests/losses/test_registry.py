@@ -161,6 +161,22 @@ def test_unknown_name_lists_valid_names_and_unknown_kwarg_raises():
     assert losses.build_loss("huber", delta=2.0).delta == 2.0
 
 
+@pytest.mark.parametrize(
+    "build,name,kwargs,message",
+    [
+        (registry.build_loss, "triplet", {"margin": "abc"}, "margin must be a number, got 'abc'"),
+        (registry.build_loss, "triplet", {"margin": True}, "margin must be a number, got True"),
+        (registry.build_loss, "triplet", {"swap": "maybe"}, "swap must be true or false"),
+        (registry.build_miner, "semi-hard", {"margin": "x"}, "margin must be a number"),
+    ],
+)
+def test_an_argument_of_the_wrong_kind_is_refused_when_built(build, name, kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        build(name, **kwargs)
+    # a whole number where the default is a fraction is a number
+    assert build(name, **{k: 1 for k in kwargs if k == "margin"}) is not None
+
+
 def test_registering_a_duplicate_name_raises():
     with pytest.raises(ValueError, match="duplicate"):
         registry._register(dict(registry.LOSSES), "focal", ("classification", object))
