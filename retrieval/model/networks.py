@@ -254,7 +254,7 @@ TORCHVISION_BACKBONES = (
     "convnext_tiny",
 )
 
-#: name -> factory ``(stem, image_size, weights) -> (backbone, feature_dim)``.
+#: name -> factory ``(stem, image_size, weights, blocks[, grid]) -> (backbone, feature_dim)``.
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "small": _small,
     **{name: _torchvision(name) for name in TORCHVISION_BACKBONES},
@@ -337,10 +337,6 @@ def build_model(
         raise ValueError(f"backbone_blocks applies to efficientnet_lite0, not {arch!r}")
     if pool_grid not in (None, 1) and arch != "efficientnet_lite0":
         raise ValueError(f"pool_grid applies to efficientnet_lite0, not {arch!r}")
-    if pool_grid not in (None, 1):
-        backbone, feature_dim = BACKBONES[arch](
-            stem, image_size, weights, backbone_blocks, pool_grid
-        )
-    else:
-        backbone, feature_dim = BACKBONES[arch](stem, image_size, weights, backbone_blocks)
+    grid = () if pool_grid in (None, 1) else (pool_grid,)  # only efficientnet_lite0 takes it
+    backbone, feature_dim = BACKBONES[arch](stem, image_size, weights, backbone_blocks, *grid)
     return EmbeddingNet(backbone, feature_dim, embedding_dim, embedding)

@@ -23,6 +23,8 @@ from retrieval.training.schedule import SCHEDULES
 BUILTIN_SOURCE = "fashion-mnist"
 #: Options that may change when a run is resumed (the others would make it a different run).
 RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "patience")
+#: Smallest input of EfficientNet-Lite0 (its five stride-2 stages leave a 1 x 1 map at 32 px).
+LITE_MIN_IMAGE_SIZE = 32
 #: Share of the images held out for validation when neither split option is given.
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -185,6 +187,11 @@ class TrainConfig:
                 f"pool_grid must be between 1 and {MAX_POOL_GRID} (cells per side), got "
                 f"{self.pool_grid}"
             )
+        if self.arch == "efficientnet_lite0" and self.image_size < LITE_MIN_IMAGE_SIZE:
+            raise UserError(
+                f"efficientnet_lite0 needs images of at least {LITE_MIN_IMAGE_SIZE} px (its "
+                f"own size is 224; 96 suits small images), got image_size {self.image_size}"
+            )
         if self.per_class is not None and self.per_class < 2:
             raise UserError(f"per_class must be at least 2 (a positive pair), got {self.per_class}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience", "num_workers"):
@@ -299,7 +306,13 @@ def pretrained_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuning recipe's values for a run that starts from a pretrained backbone
     (:data:`retrieval.training.recipe.PRETRAINED_RECIPE`), except what names the start
     (backbone, weights, stem) and the image size, which the start or the user chooses."""
+    from retrieval.model.resolve import NATIVE_IMAGE_SIZE
     from retrieval.training.recipe import PRETRAINED_RECIPE
 
     fixed = ("arch", "pretrained", "stem", "image_size")
-    return {k: v for k, v in PRETRAINED_RECIPE.items() if k not in fixed and k not in values}
+    out = {k: v for k, v in PRETRAINED_RECIPE.items() if k not in fixed and k not in values}
+    arch = values.get("arch")
+    if arch == "efficientnet_lite0":  # as `--model NAME`: its own stem and input size, not 28 px
+        start = {"stem": "imagenet", "image_size": NATIVE_IMAGE_SIZE[arch]}
+        out |= {k: v for k, v in start.items() if k not in values}
+    return out

@@ -112,6 +112,21 @@ def test_a_pretrained_start_takes_the_recipe_for_what_is_not_given():
     assert plain.backbone_lr is None and plain.freeze_bn is False and plain.embedding == "head"
 
 
+def test_a_pretrained_lite0_starts_at_its_own_size_unless_told():
+    cfg = resolve_config({"arch": "efficientnet_lite0", "pretrained": "imagenet"})
+    assert (cfg.image_size, cfg.stem) == (224, "imagenet")  # as --model efficientnet_lite0
+    given = resolve_config(
+        {"arch": "efficientnet_lite0", "pretrained": "imagenet", "image_size": 96}
+    )
+    assert given.image_size == 96
+    assert resolve_config({"arch": "resnet18", "pretrained": "imagenet"}).stem == "small"
+
+
+def test_a_lite0_below_32_px_is_one_error():
+    with pytest.raises(UserError, match="at least 32 px .* got image_size 28"):
+        TrainConfig(arch="efficientnet_lite0", image_size=28).validate()
+
+
 def test_a_config_file_value_beats_the_recipe(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pretrained: imagenet\narch: efficientnet_lite0\nfreeze_bn: false\n")
@@ -122,7 +137,7 @@ def test_a_config_file_value_beats_the_recipe(tmp_path):
 @pytest.mark.parametrize(
     "name,changes",
     [
-        ("finetune-pretrained", {}),
+        ("finetune-pretrained", {"image_size": 224}),
         (
             "finetune-pretrained-small-images",
             {"backbone_blocks": 15, "pool_grid": 3},
