@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,17 @@ def typed_index(tmp_path_factory, trained_run, digits_folder):
         return built[spec]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, trained_run, digits_folder) -> Path:
+    """An index of the digits folder of the default type, built once through the command
+    line; tests that change an index take :func:`index_dir`."""
+    out = tmp_path_factory.mktemp("served") / "index"
+    return build_index(digits_folder, trained_run / "best.pt", out)
+
+
+@pytest.fixture
+def index_dir(built_index, tmp_path) -> Path:
+    """A private copy of :func:`built_index` per test (tests add and remove)."""
+    return Path(shutil.copytree(built_index, tmp_path / "index"))

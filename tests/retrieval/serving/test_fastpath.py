@@ -4,7 +4,6 @@ FastAPI's, uploads decoded by the batch's worker (a bad one failing alone), canc
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,6 @@ from retrieval.serving.engine import Engine, Upload
 from retrieval.serving.fastpath import UploadSearch, multipart_boundary, parse_form, upload_search
 from retrieval.serving.server import MAX_K, create_app
 from retrieval.serving.service import SearchService
-from tests.conftest import build_index
 
 
 def _encoded(files: dict | list, data: dict | None = None) -> tuple[bytes, bytes]:
@@ -98,15 +96,9 @@ def test_the_boundary_is_read_from_the_content_type():
 # ------------------------------------------------------------------------------ serving
 
 
-@pytest.fixture(scope="module")
-def built_index(tmp_path_factory, trained_run, digits_folder) -> Path:
-    out = tmp_path_factory.mktemp("fastpath") / "index"
-    return build_index(digits_folder, trained_run / "best.pt", out)
-
-
 @pytest.fixture
-def service(built_index, tmp_path) -> SearchService:
-    return SearchService(shutil.copytree(built_index, tmp_path / "index"), device="cpu")
+def service(index_dir) -> SearchService:
+    return SearchService(index_dir, device="cpu")
 
 
 def _file(service: SearchService, item_id: int) -> tuple[str, bytes]:

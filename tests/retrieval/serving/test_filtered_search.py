@@ -5,7 +5,6 @@ added."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -14,20 +13,9 @@ from fastapi.testclient import TestClient
 
 from retrieval.serving.server import create_app
 from retrieval.serving.service import SearchService
-from tests.conftest import build_index, run_cli
+from tests.conftest import run_cli
 
 PER_CLASS = 30  # the digits folder: ids 0-29 are digit0, 30-59 digit1, ...
-
-
-@pytest.fixture(scope="module")
-def built_index(tmp_path_factory, trained_run, digits_folder) -> Path:
-    out = tmp_path_factory.mktemp("filters") / "index"
-    return build_index(digits_folder, trained_run / "best.pt", out)
-
-
-@pytest.fixture
-def index_dir(built_index, tmp_path) -> Path:
-    return Path(shutil.copytree(built_index, tmp_path / "index"))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import struct
 import threading
 import time
@@ -24,22 +23,8 @@ from retrieval.index.gallery import GalleryIndex
 from retrieval.model.checkpoint import load_checkpoint
 from retrieval.serving.server import MAX_K, create_app
 from retrieval.serving.service import SearchService, index_lock
-from tests.conftest import build_index
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def built_index(tmp_path_factory, trained_run, digits_folder) -> Path:
-    """An exact index of the digits folder, built once through the command line."""
-    out = tmp_path_factory.mktemp("server") / "index"
-    return build_index(digits_folder, trained_run / "best.pt", out)
-
-
-@pytest.fixture
-def index_dir(built_index, tmp_path) -> Path:
-    """A private copy of the index per test (tests add and remove)."""
-    return Path(shutil.copytree(built_index, tmp_path / "index"))
 
 
 @pytest.fixture
