@@ -136,7 +136,7 @@ class UnknownIdError(UserError):
 
 
 class ReadOnlyIndexError(UserError):
-    """A change asked of an index opened memory-mapped."""
+    """A change asked of an index opened memory-mapped, or in a folder that cannot be written."""
 
 
 @dataclass
@@ -680,6 +680,12 @@ class GalleryIndex:
                 "this index keeps its inverted lists on disk (built with --on-disk) and is "
                 "read-only; rebuild it to add or remove images"
             )
+        folder = self._folder
+        if self.read_only and folder is not None and not os.access(folder, os.W_OK):
+            return (
+                f"{folder} cannot be written here (a read-only mount?); copy the index to a "
+                "folder you can write to add or remove images"
+            )
         if self.read_only:
             return (
                 "this index was opened memory-mapped (read-only); open it without --mmap to "
@@ -852,13 +858,15 @@ class GalleryIndex:
         Args:
             mmap: memory-map the FAISS file instead of reading it (``IO_FLAG_MMAP``): the
                 vectors stay on disk and are paged in on demand, for indexes larger than
-                memory. The index is then read-only and nothing in the folder is written.
+                memory. The index is then read-only and nothing in the folder is written
+                (so it is when this process cannot write the folder).
 
         Raises:
             UserError: not an index folder, damaged files, or built with another model.
         """
         directory = Path(directory)
         snap = read_snapshot(directory, model_sha256, dim, mmap)
+        unwritable = not os.access(directory, os.W_OK)  # e.g. a read-only mount
         out = cls(
             snap.index,
             snap.store,
@@ -866,7 +874,7 @@ class GalleryIndex:
             snap.manifest,
             snap.next_id,
             snap.tombstones,
-            read_only=mmap or snap.lists_file is not None,
+            read_only=mmap or unwritable or snap.lists_file is not None,
             count=snap.count,
         )
         out.lists_file = snap.lists_file
@@ -880,7 +888,7 @@ class GalleryIndex:
             )
         # the writer lock is needed (and taken) only when there is something to write
         behind = pending and journal.stat().st_size != out.store.applied
-        needs_writing = not mmap and (snap.legacy or behind)
+        needs_writing = not (mmap or unwritable) and (snap.legacy or behind)
         try:
             with may_write(directory) if needs_writing else _no_writing() as writable:
                 if snap.legacy and writable:

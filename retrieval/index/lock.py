@@ -25,7 +25,8 @@ def index_lock(directory: str | os.PathLike) -> Iterator[None]:
     (:func:`retrieval.atomic.recover_dir`).
 
     Raises:
-        UserError: another process (a running server, another ``index add``) holds it.
+        UserError: another process (a running server, another ``index add``) holds it, or its
+            lock file cannot be made (a read-only mount).
     """
     with contextlib.ExitStack() as stack:
         try:
@@ -34,6 +35,11 @@ def index_lock(directory: str | os.PathLike) -> Iterator[None]:
             raise UserError(
                 f"{directory} is being changed by another process (a running `retrieval "
                 "serve`?); change it through that process, or stop it first"
+            ) from None
+        except OSError as exc:  # its lock file cannot be made: a read-only mount, no rights
+            raise UserError(
+                f"{directory} cannot be changed here ({exc.strerror}); copy the index to a "
+                "folder you can write"
             ) from None
         recover_dir(real, clean=True)
         key = str(real)

@@ -114,7 +114,7 @@ def read_snapshot(
     directory: Path, model_sha256: str | None = None, dim: int | None = None, mmap: bool = False
 ) -> Snapshot:
     """Read and check a folder's snapshot (see :meth:`retrieval.index.gallery.GalleryIndex.load`);
-    ``mmap`` also opens the store read-only.
+    ``mmap``, or a folder this process cannot write, opens the store read-only.
 
     Raises:
         UserError: not an index folder, damaged or edited files, or built with another model.
@@ -147,7 +147,9 @@ def read_snapshot(
         if legacy:
             store, meta = _read_metadata_json(directory, manifest)
         else:
-            store, meta = _open_store(directory, manifest, read_only=mmap)
+            # a folder this process cannot write (a read-only mount) is read as mmap reads
+            read_only = mmap or not os.access(directory, os.W_OK)
+            store, meta = _open_store(directory, manifest, read_only=read_only)
     except (
         RuntimeError,
         json.JSONDecodeError,

@@ -79,6 +79,31 @@ _open_here: dict[tuple[int, int], int] = {}
 _open_guard = threading.Lock()
 
 
+def read_only_uri(path: Path) -> str:
+    """The SQLite URI that opens ``path`` read-only.
+
+    Built by :meth:`pathlib.Path.as_uri`, which escapes the path: a folder named ``a#b`` or
+    ``v?2`` would otherwise be cut at ``#`` or ``?`` and SQLite would open (or create) another
+    file. In a folder this process cannot write (a read-only mount, another user's index) a
+    database in WAL mode cannot make its ``-shm`` file, so it is opened ``immutable`` (no
+    locks; nobody can be writing there either).
+
+    Raises:
+        UserError: that folder holds a ``-wal`` file of changes not yet folded into the
+            database, which an immutable open would not see.
+    """
+    uri = path.resolve().as_uri() + "?mode=ro"
+    if os.access(path.parent, os.W_OK):
+        return uri
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        raise UserError(
+            f"{wal} holds changes not yet written into {path.name}, and {path.parent} cannot "
+            "be written: open the index once where it can be (or copy it), then read it here"
+        )
+    return uri + "&immutable=1"
+
+
 def _file_key(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -166,7 +191,7 @@ class MetadataStore:
         if self.path is None:
             target, uri = ":memory:", False
         elif read_only:
-            target, uri = f"file:{self.path}?mode=ro", True
+            target, uri = read_only_uri(self.path), True
         else:
             target, uri = str(self.path), False
         self._con = sqlite3.connect(
@@ -450,7 +475,7 @@ class MetadataStore:
                     self._con.execute("COMMIT")
                 source = self._con
             else:  # the committed state; the open transaction's changes are ``staged``
-                source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+                source = sqlite3.connect(read_only_uri(self.path), uri=True, timeout=30)
                 staged_here = list(staged)
             try:
                 out = sqlite3.connect(dest, isolation_level=None)

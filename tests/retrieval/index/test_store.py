@@ -342,3 +342,46 @@ def test_content_hashes_and_user_fields_are_journaled_and_snapshotted(saved_inde
         assert (a.sha256, a.fields, b.sha256, b.fields) == (digest, {"shop": "north"}, None, {})
         assert opened.store.matching_ids({"shop": "north"}).tolist() == [50]
         assert opened.store.matching_ids({"sha256": digest}).tolist() == [50]
+
+
+@pytest.mark.parametrize("name", ["idx#1", "v?2", "a 50%", "b%23c"])
+def test_a_folder_name_that_means_something_in_a_uri_keeps_its_metadata(tmp_path, name):
+    rng = np.random.default_rng(0)
+    refs = [f"/img/{c}.png" for c in "abcdefghij" * 2]
+    index = GalleryIndex.build(rng.normal(size=(20, 8)).astype(np.float32), refs, [0] * 20, ["x"])
+    folder = tmp_path / name
+    index.save(folder)
+    again = GalleryIndex.load(folder)
+    again.add(np.ones((1, 8), np.float32), ["/img/new.png"], [0])
+    again.commit(folder)
+    again.save(folder)  # the snapshot copies the committed store, opened read-only by URI
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no stray file beside it
+    for mmap in (False, True):
+        loaded = GalleryIndex.load(folder, mmap=mmap)
+        assert len(loaded) == 21 and loaded.items[20].ref == "/img/new.png"
+        assert loaded.items[3].ref == "/img/d.png"
+        loaded.close()
+
+
+def test_a_folder_that_cannot_be_written_is_read_and_says_why_it_cannot_change(
+    saved_index, monkeypatch
+):
+    folder, index = saved_index
+    index.close()
+    real_access = os.access
+
+    def access(path, mode):  # as on a read-only mount (root passes any permission check)
+        if mode == os.W_OK and os.path.realpath(path) == os.path.realpath(folder):
+            return False
+        return real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    loaded = GalleryIndex.load(folder)  # not --mmap: read-only all the same
+    assert len(loaded) == 50 and loaded.items[7].ref == "/img/7.png"
+    with pytest.raises(UserError, match="cannot be written here .* copy the index"):
+        loaded.add(np.ones((1, 8), np.float32), ["/img/x.png"], [0])
+    loaded.close()
+    (folder / (STORE_FILE + "-wal")).write_bytes(b"\0" * 32)  # changes not in the database
+    with pytest.raises(UserError, match="holds changes not yet written"):
+        GalleryIndex.load(folder, mmap=True)
