@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
@@ -226,8 +227,11 @@ def decode_image(
         raise DataError(f"{what} is not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{what} is too large to decode safely; shrink it first") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{what} is a corrupt or truncated image ({exc})") from None
+    except (TypeError, OverflowError, IndexError, KeyError, ZeroDivisionError, struct.error) as exc:
+        # PIL's decoders fail so on some crafted files (fuzzed TIFF tags, say)
+        raise DataError(f"{what} could not be decoded ({type(exc).__name__}: {exc})") from None
 
 
 def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,8 @@ DEFAULT_MAX_DECODES = max(2, os.cpu_count() or 1)
 #: larger ones (photos, whose decode takes milliseconds) in a thread of their own first, so that
 #: they do not hold up the searches they are batched with. Bytes.
 WORKER_DECODE_BYTES = 64 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +220,10 @@ class Engine:
                     item = self._prepare(item, service)
                 except DataError as exc:
                     staged.out[pos] = exc
+                    continue
+                except Exception as exc:  # a decoder bug on a crafted file: this upload only
+                    logger.warning("%s: the decoder failed: %r", item.what, exc)
+                    staged.out[pos] = DataError(f"{item.what} could not be decoded ({exc})")
                     continue
             staged.queries.append(item)
             staged.positions.append(pos)

@@ -62,6 +62,21 @@ def test_read_image_errors(tmp_path):
     assert img.shape == (3, 4, 5) and int(img.max()) == 200
 
 
+@pytest.mark.parametrize("error", [TypeError("bad tag"), OverflowError("too big"), EOFError()])
+def test_a_decoder_that_crashes_is_a_data_error(monkeypatch, error):
+    def crash(self, *args, **kwargs):  # as PIL's decoders on some crafted files
+        raise error
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", crash)
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    png.seek(0)
+    with pytest.raises(DataError, match="the upload x.png"):
+        decode_image(png, "the upload x.png")
+
+
 def test_elongated_image_is_refused_before_decoding(tmp_path):
     """A few hundred bytes of PNG, 400,000 x 1 pixels: within the pixel limit, but resizing
     its short side to the model's size would take gigabytes."""

@@ -137,7 +137,17 @@ def test_the_hot_path_answers_what_fastapi_answers(service, tmp_path, monkeypatc
     assert len(served) == 2
 
 
-def test_a_bad_upload_fails_alone_in_its_batch(service):
+@pytest.mark.parametrize("failure", ["not an image", "a decoder crash"])
+def test_a_bad_upload_fails_alone_in_its_batch(service, monkeypatch, failure):
+    if failure == "a decoder crash":  # as PIL on some fuzzed TIFFs: not a DataError
+        prepare = Engine._prepare
+
+        def crashing(self, upload, service):
+            if "bad" in upload.what:
+                raise TypeError("'IFDRational' object cannot be interpreted as an integer")
+            return prepare(self, upload, service)
+
+        monkeypatch.setattr(Engine, "_prepare", crashing)
     engine = Engine(service, max_batch=8, max_wait=0.5)
     uploads = [
         Upload(_file(service, 10)[1], "the upload a.png", 3),
