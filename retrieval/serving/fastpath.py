@@ -38,6 +38,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 INT_FIELDS = {"k": (1, None), "nprobe": (1, None), "ef_search": (1, 65536)}
 #: Longest integer the hot path reads (a longer one goes to FastAPI for its 422).
 _MAX_DIGITS = 9
+#: Most parts a form the hot path serves has: the file and one of each integer field.
+MAX_PARTS = 1 + len(INT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def parse_form(body: bytes, boundary: bytes) -> list[tuple[dict[bytes, bytes], b
         [(b'k', b'3'), (b'file', b'PNG...')]
     """
     delimiter = b"\r\n--" + boundary
-    chunks = (b"\r\n" + body).split(delimiter)
+    # split no further than a form of MAX_PARTS: a body of thousands of tiny parts (which
+    # FastAPI refuses) then ends in one long last piece, not in work on the event loop
+    chunks = (b"\r\n" + body).split(delimiter, MAX_PARTS + 1)
     # the boundary never occurs inside a part, so the pieces are: nothing before the first
     # delimiter, "\r\n" + a part after each, "--" (+ "\r\n") after the last one
     if len(chunks) < 3 or chunks[0] or chunks[-1] not in (b"--", b"--\r\n"):
