@@ -453,6 +453,11 @@ def create_app(
             return JSONResponse({"detail": str(exc)}, status_code=400)
         except UserError as exc:
             return _user_error_response(exc)
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+        except Exception as exc:  # outside FastAPI here: answer in JSON, log the traceback
+            logger.exception("POST /search failed")
+            return JSONResponse({"detail": f"internal error: {exc!r}"}, status_code=500)
         count("searches")
         body = results_body(service, answer.hits, {"filename": request.filename}, t0)
         work = answer.decode_s + answer.embed_s + answer.search_s

@@ -151,6 +151,17 @@ def test_the_hot_path_answers_what_fastapi_answers(service, tmp_path, monkeypatc
     assert len(served) == 2
 
 
+def test_an_unexpected_failure_on_the_hot_path_is_a_json_500(service, tmp_path, monkeypatch):
+    async def closed(self, upload):
+        raise RuntimeError("the batcher is closed")  # as during a shutdown
+
+    monkeypatch.setattr(Engine, "search_upload", closed)
+    client = TestClient(create_app(service, tmp_path / "up"), raise_server_exceptions=False)
+    name, data = _file(service, 42)
+    r = client.post("/search", files={"file": (name, data, "image/png")})
+    assert r.status_code == 500 and "the batcher is closed" in r.json()["detail"]
+
+
 @pytest.mark.parametrize("failure", ["not an image", "a decoder crash"])
 def test_a_bad_upload_fails_alone_in_its_batch(service, monkeypatch, failure):
     if failure == "a decoder crash":  # as PIL on some fuzzed TIFFs: not a DataError
