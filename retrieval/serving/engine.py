@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import threading
@@ -35,6 +36,9 @@ DEFAULT_MAX_DECODES = max(2, os.cpu_count() or 1)
 #: larger ones (photos, whose decode takes milliseconds) in a thread of their own first, so that
 #: they do not hold up the searches they are batched with. Bytes.
 WORKER_DECODE_BYTES = 64 * 1024
+#: ... and up to this many pixels: a few kilobytes of lossless WebP or PNG can hold 8000 x 8000
+#: pixels, seconds of decoding that would stall every search of the batch.
+WORKER_DECODE_PIXELS = 1024 * 1024
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ class Engine:
         batcher = self._get_batcher()
         if batcher is None:
             return await asyncio.to_thread(self._search_alone, upload)
-        if len(upload.data) <= WORKER_DECODE_BYTES:
+        if decodes_quickly(upload.data):
             item: object = upload
         else:
             t0 = time.perf_counter()
@@ -268,3 +272,19 @@ class Engine:
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close(timeout=5)
+
+
+def decodes_quickly(data: bytes) -> bool:
+    """Whether an upload is small enough, in bytes and in pixels (read from its header only),
+    to be decoded by the batch's worker (:data:`WORKER_DECODE_BYTES`,
+    :data:`WORKER_DECODE_PIXELS`). Data that is not an image is: its decode fails at once."""
+    if len(data) > WORKER_DECODE_BYTES:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # not an image, or a header PIL cannot parse: the decode will say so
+        return True
+    return width * height <= WORKER_DECODE_PIXELS

@@ -151,6 +151,25 @@ def test_the_hot_path_answers_what_fastapi_answers(service, tmp_path, monkeypatc
     assert len(served) == 2
 
 
+def test_only_uploads_small_in_bytes_and_in_pixels_are_decoded_by_the_batch_worker():
+    import io
+
+    from PIL import Image
+
+    from retrieval.serving.engine import WORKER_DECODE_BYTES, decodes_quickly
+
+    def encoded(size, fmt, **kw):
+        out = io.BytesIO()
+        Image.new("RGB", size).save(out, fmt, **kw)
+        return out.getvalue()
+
+    assert decodes_quickly(encoded((28, 28), "PNG"))
+    bomb = encoded((8000, 8000), "WEBP", lossless=True)  # seconds of decoding, in 2.5 KB
+    assert len(bomb) < WORKER_DECODE_BYTES and not decodes_quickly(bomb)
+    assert not decodes_quickly(b"\0" * (WORKER_DECODE_BYTES + 1))
+    assert decodes_quickly(b"not an image")  # its decode fails at once, in the batch
+
+
 def test_an_unexpected_failure_on_the_hot_path_is_a_json_500(service, tmp_path, monkeypatch):
     async def closed(self, upload):
         raise RuntimeError("the batcher is closed")  # as during a shutdown
