@@ -437,6 +437,9 @@ def load_csv(
 
 #: Columns of a CSV manifest with a meaning of their own; any other column is a user field.
 MANIFEST_COLUMNS = ("path", "label", "split")
+#: Names an index gives its own fields (:data:`retrieval.index.store.COLUMNS`): a manifest
+#: column of such a name is not stored as a user field, since ``--where id=...`` means the id.
+RESERVED_FIELDS = ("id", "ref", "sha256")
 
 
 def manifest_fields(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
@@ -445,12 +448,24 @@ def manifest_fields(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
     item and filters on (``--where color=red``). Empty values are left out."""
     csv_path = Path(csv_path).expanduser().resolve()
     out: dict[str, dict[str, str]] = {}
+    skip = set(MANIFEST_COLUMNS) | set(RESERVED_FIELDS)
     with open(csv_path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
+        reader = csv.DictReader(fh)
+        reserved = [
+            c.strip() for c in reader.fieldnames or () if c and c.strip() in RESERVED_FIELDS
+        ]
+        if reserved:
+            logger.warning(
+                "%s: column(s) %s are not stored as user fields (an index has fields of those "
+                "names); rename them to filter on them",
+                csv_path,
+                ", ".join(reserved),
+            )
+        for row in reader:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
             p = Path(row.get("path", "")).expanduser()
             ref = str(p if p.is_absolute() else (csv_path.parent / p).resolve())
-            extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v}
+            extra = {k: v for k, v in row.items() if k not in skip and v}
             if extra:
                 out[ref] = extra
     return out

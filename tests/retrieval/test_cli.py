@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -400,17 +401,22 @@ def test_indexed_files_carry_their_content_hash(trained_run, digits_folder, tmp_
         assert row.sha256 == hashlib.sha256(Path(row.ref).read_bytes()).hexdigest(), row.ref
 
 
-def test_manifest_columns_become_fields_to_filter_on(trained_run, digits_folder, tmp_path, capsys):
+def test_manifest_columns_become_fields_to_filter_on(
+    trained_run, digits_folder, tmp_path, capsys, caplog
+):
     import hashlib
 
     images = sorted((digits_folder / "digit4").iterdir())[:12]
     colours = {str(p.resolve()): ("red" if n % 3 == 0 else "blue") for n, p in enumerate(images)}
     manifest = tmp_path / "m.csv"
-    lines = ["path,label,colour"] + [f"{p},four,{c}" for p, c in colours.items()]
+    # a column named as an index field of its own ("id") is not stored: --where id= is the id
+    lines = ["path,label,colour,id"] + [f"{p},four,{c},SKU-7" for p, c in colours.items()]
     manifest.write_text("\n".join(lines) + "\n")
     index = tmp_path / "idx"
     model = ["--model", trained_run / "best.pt"]
-    assert run_cli(["index", "build", manifest, *model, "--out", index], capsys)[0] == 0
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(["index", "build", manifest, *model, "--out", index], capsys)[0] == 0
+    assert "column(s) id are not stored" in caplog.text
     query = images[1]
     code, out, err = run_cli(
         ["search", index, query, "--k", "10", "--json", "--where", "colour=red"], capsys
@@ -425,5 +431,7 @@ def test_manifest_columns_become_fields_to_filter_on(trained_run, digits_folder,
     assert [h["ref"] for h in json.loads(out)["queries"][0]["results"]] == [
         str(images[5].resolve())
     ]
+    code, out, err = run_cli(["search", index, query, "--json", "--where", "id=3"], capsys)
+    assert code == 0 and [h["id"] for h in json.loads(out)["queries"][0]["results"]] == [3]
     code, _, err = run_cli(["search", index, query, "--where", "color=red"], capsys)
     assert code == 2 and "the fields are: label, id, ref, sha256, colour" in " ".join(err.split())
