@@ -112,12 +112,10 @@ def matching_ids(index: GalleryIndex, where: Where) -> np.ndarray:
     Raises:
         UserError: an unknown field, an unknown label, or an id that is not a whole number.
     """
-    unknown = [f for f in where if f not in FIELDS]
+    unknown = [f for f in where if f not in FIELDS and not index.store.has_field(f)]
     if unknown:
         names = list(dict.fromkeys([*FIELDS, *index.store.field_names()]))
-        unknown = [f for f in unknown if f not in names]
-        if unknown:
-            raise UserError(f"cannot filter on {unknown[0]!r}; the fields are: {', '.join(names)}")
+        raise UserError(f"cannot filter on {unknown[0]!r}; the fields are: {', '.join(names)}")
     query: dict[str, list] = {}
     for field, given in where.items():
         values = _as_list(given)

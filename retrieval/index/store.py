@@ -322,6 +322,13 @@ class MetadataStore:
         rows = self._query("SELECT DISTINCT name FROM fields ORDER BY name")
         return list(COLUMNS) + [r[0] for r in rows]
 
+    def has_field(self, name: str) -> bool:
+        """Whether ``name`` is a column or a user field in use (one index seek, not the scan
+        of :meth:`field_names`)."""
+        if name in COLUMNS:
+            return True
+        return bool(self._query("SELECT 1 FROM fields WHERE name = ? LIMIT 1", (name,)))
+
     def matching_ids(self, where: Mapping[str, object]) -> np.ndarray:
         """Sorted ids of the visible items matching a filter (:mod:`retrieval.index.filters`:
         AND across fields, OR within a field's values); columns and user fields alike, by
@@ -331,15 +338,11 @@ class MetadataStore:
             UserError: a field that is neither a column nor a user field in use.
         """
         clauses, params = [_LIVE], [None, None]  # the view, read under the lock below
-        names = None
         for name, given in where.items():
             values = list(given) if isinstance(given, list | tuple | set) else [given]
-            if name not in COLUMNS:
-                names = names or self.field_names()
-                if name not in names:
-                    raise UserError(
-                        f"cannot filter on {name!r}; the fields are: {', '.join(names)}"
-                    )
+            if not self.has_field(name):
+                names = ", ".join(self.field_names())
+                raise UserError(f"cannot filter on {name!r}; the fields are: {names}")
             if not values:
                 return np.zeros(0, dtype=np.int64)
             marks = ",".join("?" * len(values))
