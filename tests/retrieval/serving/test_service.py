@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -256,17 +255,18 @@ def test_search_files_skips_unreadable_queries(typed_index, digits_folder, tmp_p
     assert "not an image" in skipped[0][1]
 
 
-def test_every_thread_can_take_the_configured_faiss_threads():
+def test_every_thread_can_take_the_configured_faiss_threads(monkeypatch):
     """OpenMP keeps its thread count per thread: the batcher's search thread, which runs no
     torch operation, would otherwise search with one OpenMP thread per core."""
     import threading
 
     import faiss
-    import torch
 
     from retrieval.serving import service as service_module
 
-    saved = torch.get_num_threads(), faiss.omp_get_max_threads(), service_module._faiss_threads
+    saved = faiss.omp_get_max_threads()
+    configured = saved + 3  # a count no new thread starts with
+    monkeypatch.setattr(service_module, "_faiss_threads", configured)
     seen = {}
 
     def fresh_thread():
@@ -275,14 +275,27 @@ def test_every_thread_can_take_the_configured_faiss_threads():
         seen["after"] = faiss.omp_get_max_threads()
 
     try:
-        service_module.configure_threads(batched=False)  # one thread each
         thread = threading.Thread(target=fresh_thread)
         thread.start()
         thread.join(10)
     finally:
+        faiss.omp_set_num_threads(saved)
+    assert seen["before"] != configured and seen["after"] == configured
+    assert faiss.omp_get_max_threads() == saved  # the calling thread's count is its own
+
+
+def test_configure_threads_gives_one_thread_each_unbatched(monkeypatch):
+    import faiss
+    import torch
+
+    from retrieval.serving import service as service_module
+
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
+    monkeypatch.setattr(service_module, "_faiss_threads", None)
+    try:
+        service_module.configure_threads(batched=False)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        assert service_module._faiss_threads == 1
+    finally:
         torch.set_num_threads(saved[0])
         faiss.omp_set_num_threads(saved[1])
-        service_module._faiss_threads = saved[2]
-    assert seen["after"] == 1
-    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
-        assert seen["before"] > 1  # what the search thread had before
