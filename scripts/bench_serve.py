@@ -285,8 +285,13 @@ class _Client:
         if end < 0:
             return None
         lines = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-        length = int(headers.get("content-length", 0))
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" not in headers:  # the server answers every search with a length
+            raise RuntimeError(f"a response without Content-Length: {lines[0]!r}")
+        length = int(headers["content-length"])
         if len(self.buf) < end + 4 + length:
             return None
         body = bytes(self.buf[end + 4 : end + 4 + length])
