@@ -86,7 +86,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="a checkout of a version writing metadata.json (format 2), compared against",
     )
-    p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder to work under (a temporary folder is made in it and removed)",
+    )
     return p
 
 
@@ -112,9 +117,11 @@ def _folder_mb(folder: Path) -> float:
 def main(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    # a new folder of its own, even under --work: nothing there is overwritten
+    with tempfile.TemporaryDirectory(prefix="bench-store-", dir=args.work) as tmp:
+        work = Path(tmp)
         vectors = work / "vectors.npy"
         rng = np.random.default_rng(0)
         np.save(vectors, rng.normal(size=(args.items, args.dim)).astype(np.float32))
