@@ -568,8 +568,7 @@ class GalleryIndex:
             return
         ends = wal.append_entries(journal, self._pending, self._journal_bytes)
         self._journal_bytes = ends[-1]
-        self.store.commit(list(zip(self._pending, ends, strict=True)), ends[-1])
-        self.store.view = ends[-1]
+        self.store.commit(list(zip(self._pending, ends, strict=True)), ends[-1])  # sets view
         self._pending.clear()
 
     def discard(self) -> None:
